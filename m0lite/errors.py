@@ -1,0 +1,25 @@
+"""The errors m0lite raises for bad input, each naming what is wrong.
+
+All derive from ValueError so that callers that catch ValueError keep working;
+the server maps them to HTTP status codes.
+"""
+
+
+class M0liteError(ValueError):
+    """Base class of every error m0lite raises on purpose."""
+
+
+class InputError(M0liteError):
+    """A query, document, pair list or option is malformed."""
+
+
+class ImageError(InputError):
+    """An image cannot be loaded, decoded or preprocessed (names the image)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image (bytes or pixels) is over a configured limit."""
+
+
+class WeightsError(M0liteError):
+    """A checkpoint is missing, corrupt, or does not match the config (names the key and file)."""
