@@ -1,0 +1,111 @@
+"""From a (query, document) pair to the token ids the model scores, exactly as the original does.
+
+    **Document**:\\n{doc}\\n**Query**:\\n{query}<score token>
+
+An image (document or query) is written `<|vision_start|><|image_pad|><|vision_end|>`
+and its `<|image_pad|>` becomes one token per visual token (grid t*h*w / 4).
+A text document of `max_doc_length` tokens or more is cut to that many tokens
+and decoded back to text first; the whole prompt is then cut to
+`max_length - 1` tokens (keeping its start) and the score token (id 100) is
+appended. The query is never cut on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import InputError, WeightsError
+
+SCORE_TOKEN_ID = 100
+IMAGE_PAD = "<|image_pad|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+# Special tokens that would let text smuggle in (or break) visual-token slots.
+RESERVED_IN_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer.json through the `tokenizers` library (byte-level BPE, no BOS/EOS added)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise WeightsError(f"{path}: cannot load tokenizer: {e}") from None
+        self.image_pad_id = self._tok.token_to_id(IMAGE_PAD)
+        if self.image_pad_id is None:
+            raise WeightsError(f"{path}: tokenizer has no {IMAGE_PAD} token")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        # transformers' decode keeps special tokens by default; the tokenizers library skips them unless told.
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+@dataclass
+class Side:
+    """One side of a pair: text, or an image already preprocessed to its patch grid (t, h, w)."""
+
+    text: str | None = None
+    grid: tuple[int, int, int] | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.grid is not None
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    grids: list[tuple[int, int, int]] = field(default_factory=list)  # images in order of appearance
+
+
+def cut_document(tok: Tokenizer, doc: str, max_doc_length: int) -> str:
+    """The original's document truncation: a document of max_doc_length tokens or more is cut to
+    max_doc_length tokens and decoded back to text (re-encoding inside the prompt may differ at the edge)."""
+    ids = tok.encode(doc)
+    return tok.decode(ids[:max_doc_length]) if len(ids) >= max_doc_length else doc
+
+
+def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max_doc_length: int, merge: int = 2) -> Prompt:
+    """Token ids of one pair (score token included) and the grids of its images, document first."""
+    doc_str = IMAGE_PLACEHOLDER if doc.is_image else cut_document(tok, doc.text, max_doc_length)
+    query_str = IMAGE_PLACEHOLDER if query.is_image else query.text
+    ids = tok.encode(f"**Document**:\n{doc_str}\n**Query**:\n{query_str}")
+    grids = [s.grid for s in (doc, query) if s.is_image]
+    # Expand each single <|image_pad|> to one token per visual token.
+    expanded, it = [], iter(grids)
+    for i in ids:
+        if i == tok.image_pad_id:
+            t, h, w = next(it)
+            expanded.extend([i] * (t * h * w // merge**2))
+        else:
+            expanded.append(i)
+    if len(expanded) > max_length - 1:
+        expanded = expanded[: max_length - 1]
+        n_image = sum(t * h * w // merge**2 for t, h, w in grids)
+        if sum(i == tok.image_pad_id for i in expanded) != n_image:
+            raise InputError(
+                f"max_length={max_length} cuts into an image's {n_image} visual tokens; raise max_length "
+                f"(the prompt needs {len(ids) - len(grids) + n_image + 1} tokens) or lower the image's max_pixels"
+            )
+    return Prompt(expanded + [SCORE_TOKEN_ID], grids)
+
+
+def check_text(text, what: str, allow_empty: bool = False) -> str:
+    """A text query or document must be a str (a query a non-blank one) free of visual-token markers."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not allow_empty and not text.strip():
+        raise InputError(f"{what} is empty")
+    for tok in RESERVED_IN_TEXT:
+        if tok in text:
+            raise InputError(f"{what} contains the reserved token {tok}, which marks image slots")
+    return text

@@ -1,0 +1,197 @@
+"""The public API: `Reranker.from_pretrained(...)`, `compute_score(...)`, `rank(...)`.
+
+A pair goes: inputs (text, or an image loaded and cut into patches) -> prompt
+token ids (`prompt.py`) -> packed batches under a token budget -> model ->
+raw score -> optionally sigmoid(raw - 2.65). Packing (no padding) makes each
+pair's score independent of its batch, of batch_size and of order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .images import load_image, preprocess
+from .model import JinaReranker, PackedBatch
+from .prompt import Side, Tokenizer, build_prompt, check_text
+
+SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
+MIN_PIXELS, MAX_PIXELS = 3136, 602112  # the reranker's processor settings: 4..768 visual tokens per image
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class _Input:
+    """One prepared side of a pair: text, or an image's patches and grid."""
+
+    side: Side
+    pixels: torch.Tensor | None = None
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+class Reranker:
+    def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, **kwargs) -> "Reranker":
+        """Load from a local checkpoint folder or a hub repo id (downloaded once, then cached)."""
+        from weights.hub import resolve
+        from weights.loader import load_model
+
+        dev = resolve_device(device)
+        folder = resolve(name_or_path)
+        model = load_model(folder, resolve_dtype(dtype, dev), dev)
+        return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def _prepare(self, x, kind: str | None, what: str, allow_empty: bool) -> _Input:
+        """A query or document -> text or preprocessed image. kind "text"/"image" forces the reading
+        of a str (compute_score's query_type/doc_type); with kind None a str is text."""
+        if isinstance(x, dict):
+            if set(x) == {"text"}:
+                x, kind = x["text"], "text"
+            elif set(x) == {"image"}:
+                x, kind = x["image"], "image"
+            else:
+                raise InputError(f"{what}: a dict must be {{'text': ...}} or {{'image': ...}}, got keys {sorted(x)}")
+        elif kind is None:
+            kind = "text" if isinstance(x, str) else "image"
+        if kind == "text":
+            return _Input(Side(text=check_text(x, what, allow_empty)))
+        if kind != "image":
+            raise InputError(f"{what}: type must be 'text' or 'image', got {kind!r}")
+        try:
+            pixels, grid = preprocess(load_image(x), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except InputError as e:
+            raise type(e)(f"{what}: {e}") from None
+        return _Input(Side(grid=grid), pixels)
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    def _score(self, pairs: list[tuple[_Input, _Input]], *, batch_size: int, max_length: int, max_doc_length: int,
+               show_progress: bool = False) -> tuple[list[float], list[int]]:
+        """Raw scores and prompt lengths of prepared pairs, in order."""
+        if max_length < 2:
+            raise InputError(f"max_length must be at least 2, got {max_length}")
+        merge = self.model.cfg.vision.spatial_merge_size
+        prompts = [build_prompt(self.tokenizer, q.side, d.side, max_length=max_length, max_doc_length=max_doc_length, merge=merge)
+                   for q, d in pairs]
+        pixels = [[i.pixels for i in (d, q) if i.pixels is not None] for q, d in pairs]  # document first, as in the prompt
+        scores: list[float] = [math.nan] * len(pairs)
+        batches = list(self._batches([len(p.input_ids) for p in prompts], batch_size))
+        if show_progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="scoring", unit="batch")
+        for idx in batches:
+            px = [t for i in idx for t in pixels[i]]
+            batch = PackedBatch.pack([prompts[i].input_ids for i in idx], [prompts[i].grids for i in idx],
+                                     self.model.cfg.image_token_id, merge, torch.cat(px) if px else None)
+            for i, s in zip(idx, self.model(batch).tolist()):
+                scores[i] = s
+        return scores, [len(p.input_ids) for p in prompts]
+
+    def _batches(self, lengths: list[int], batch_size: int):
+        """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone)."""
+        cur, tokens = [], 0
+        for i, n in enumerate(lengths):
+            if cur and (len(cur) == batch_size or tokens + n > self.max_batch_tokens):
+                yield cur
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += n
+        if cur:
+            yield cur
+
+    @staticmethod
+    def normalize(raw: float) -> float:
+        return 1.0 / (1.0 + math.exp(-(raw - SCORE_SHIFT)))
+
+    def compute_score(self, pairs, batch_size: int = 8, max_length: int = 10240, max_query_length: int = 512,
+                      max_doc_length: int | None = None, query_type: str = "text", doc_type: str = "text",
+                      normalize_scores: bool = True, show_progress: bool = False):
+        """Scores of [query, document] pairs, as the original's compute_score: one pair (a 2-list or
+        2-tuple of inputs) returns a float, a list of pairs a list."""
+        single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple))
+        pairs = [pairs] if single else pairs
+        if not isinstance(pairs, (list, tuple)) or not pairs:
+            raise InputError("pairs must be a non-empty list of [query, document] pairs")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_doc_length is None:
+            max_doc_length = max(max_length - max_query_length, max_query_length)
+        elif max_doc_length + max_query_length > max_length:
+            raise InputError(f"max_doc_length ({max_doc_length}) + max_query_length ({max_query_length}) exceeds max_length ({max_length})")
+        prepared = []
+        for i, p in enumerate(pairs):
+            if not isinstance(p, (list, tuple)) or len(p) != 2:
+                raise InputError(f"pairs[{i}] must be a [query, document] pair")
+            prepared.append((self._prepare(p[0], query_type, f"pairs[{i}] query", False),
+                             self._prepare(p[1], doc_type, f"pairs[{i}] document", True)))
+        raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
+                             show_progress=show_progress)
+        scores = [self.normalize(s) for s in raw] if normalize_scores else raw
+        return scores[0] if single else scores
+
+    def score_pairs(self, pairs, normalize: bool = True, *, max_length: int = 10240, max_query_length: int = 512,
+                    batch_size: int = 8) -> tuple[list[float], list[int]]:
+        """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
+        image (str = text; PIL image, {"text": ...} or {"image": ...}). For servers batching many requests."""
+        max_doc_length = max(max_length - max_query_length, max_query_length)
+        prepared = [(self._prepare(q, None, f"pairs[{i}] query", False), self._prepare(d, None, f"pairs[{i}] document", True))
+                    for i, (q, d) in enumerate(pairs)]
+        raw, lengths = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length)
+        return ([self.normalize(s) for s in raw] if normalize else raw), lengths
+
+    def rank(self, query, documents, top_n: int | None = None, return_documents: bool = False, *,
+             batch_size: int = 8, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False) -> list[dict]:
+        """Documents (text and images mixed) ranked for a text or image query, best first:
+        [{"index": i, "relevance_score": s, ("document": d)}]."""
+        if not isinstance(documents, (list, tuple)) or not documents:
+            raise InputError("documents must be a non-empty list")
+        if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
+            raise InputError(f"top_n must be a positive int, got {top_n!r}")
+        q = self._prepare(query, None, "query", False)
+        prepared = [(q, self._prepare(d, None, f"documents[{i}]", True)) for i, d in enumerate(documents)]
+        max_doc_length = max(max_length - max_query_length, max_query_length)
+        raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
+                             show_progress=show_progress)
+        results = [{"index": i, "relevance_score": self.normalize(s)} for i, s in enumerate(raw)]
+        if return_documents:
+            for r in results:
+                r["document"] = documents[r["index"]]
+        results.sort(key=lambda r: -r["relevance_score"])
+        return results[:top_n] if top_n else results
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))

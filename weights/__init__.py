@@ -1,0 +1,1 @@
+"""Reading, checking, fetching and making jina-reranker-m0 checkpoints."""
