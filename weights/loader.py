@@ -21,6 +21,8 @@ from m0lite.model import JinaReranker
 
 # transformers 5.x saves Qwen2-VL under new prefixes; the published (4.x) names are ours.
 PREFIX_5X = {"model.visual.": "visual.", "model.language_model.": "model."}
+# A transformers re-save of Qwen2-VL may carry the language-model head; a ranker never reads it.
+IGNORED = {"lm_head.weight"}
 FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
@@ -66,7 +68,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
     expected = expected_tensors(cfg)
-    files = {our_name(k): (k, f) for k, f in weight_files(folder).items()}
+    files = {our_name(k): (k, f) for k, f in weight_files(folder).items() if k not in IGNORED}
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
     if missing or unexpected:

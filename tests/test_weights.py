@@ -1,0 +1,139 @@
+"""Loading checkpoints: both config layouts, shards, dtypes, 5.x saves, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from m0lite import Reranker, WeightsError
+from m0lite.config import ModelConfig
+from weights.loader import expected_tensors, load_model
+from weights.writer import TINY_CONFIG, write_random_checkpoint
+
+PAIRS = [["what is m0lite", "a small reranker"], ["数据", "Daten über Daten"]]
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt, tmp_path):
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+
+
+def test_layout_is_the_published_one(tiny_ckpt):
+    names = set(load_file(str(tiny_ckpt / "model.safetensors")))
+    assert {"visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.merger.ln_q.weight",
+            "visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight", "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "score.0.weight", "score.0.bias",
+            "score.2.weight", "score.2.bias"} <= names
+    assert not any(n.startswith("lm_head") for n in names)
+    assert load_file(str(tiny_ckpt / "model.safetensors"))["visual.patch_embed.proj.weight"].shape == (32, 3, 2, 14, 14)
+    config = json.loads((tiny_ckpt / "config.json").read_text())
+    assert config["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]} and "text_config" not in config
+
+
+def test_full_size_layout_has_the_real_dimensions():
+    shapes = expected_tensors(ModelConfig())
+    assert shapes["model.embed_tokens.weight"] == (151936, 1536)
+    assert shapes["model.layers.27.self_attn.k_proj.weight"] == (256, 1536)
+    assert shapes["visual.blocks.31.attn.qkv.weight"] == (3840, 1280)
+    assert shapes["visual.merger.mlp.0.weight"] == (5120, 5120)
+    assert shapes["visual.patch_embed.proj.weight"] == (1280, 3, 2, 14, 14)
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == pytest.approx(2.21e9, rel=0.01)
+
+
+def test_nested_5x_config_reads_the_same():
+    flat = TINY_CONFIG.to_dict()
+    text = {k: v for k, v in flat.items() if k not in ("vision_config", "rope_scaling", "rope_theta")}
+    nested = {"model_type": "qwen2_vl", "vision_config": flat["vision_config"],
+              "text_config": {**text, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}}}
+    assert ModelConfig.from_dict(nested) == ModelConfig.from_dict(flat) == TINY_CONFIG
+
+
+def test_sharded_and_half_precision_files_load(tmp_path, tiny_reranker):
+    expected = tiny_reranker.compute_score(PAIRS, normalize_scores=False)
+    sharded = write_random_checkpoint(tmp_path / "sharded", seed=0, max_shard_bytes=4_000_000)
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 1
+    assert Reranker.from_pretrained(sharded).compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = write_random_checkpoint(tmp_path / str(dtype), seed=0, dtype=dtype)
+        model = load_model(half, torch.float32)
+        assert model.model.norm.weight.dtype == torch.float32
+        # Same seed, rounded weights: close to the fp32 checkpoint, not equal.
+        assert Reranker.from_pretrained(half).compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=0.05)
+
+
+def test_transformers_5x_save_loads(tmp_path, tiny_ckpt, tiny_reference, tiny_reranker):
+    """A checkpoint re-saved by transformers 5.x (nested config, model.language_model.* names)."""
+    out = tmp_path / "saved5x"
+    tiny_reference.model.save_pretrained(out)
+    for f in ("tokenizer.json", "preprocessor_config.json"):
+        shutil.copy(tiny_ckpt / f, out / f)
+    assert "text_config" in json.loads((out / "config.json").read_text())
+    names = set()
+    for f in out.glob("*.safetensors"):
+        names |= set(load_file(str(f)))
+    assert any(n.startswith("model.language_model.") for n in names)
+    names.discard("lm_head.weight")
+    rr = Reranker.from_pretrained(out)
+    assert rr.compute_score(PAIRS, normalize_scores=False) == pytest.approx(tiny_reranker.compute_score(PAIRS, normalize_scores=False), abs=1e-6)
+
+
+def _rewrite(ckpt, edit):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+
+
+def test_missing_tensor_is_named(ckpt):
+    _rewrite(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(WeightsError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(ckpt, torch.float32)
+
+
+def test_unexpected_tensor_is_named(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"model.layers.9.extra": torch.zeros(3)}))
+    with pytest.raises(WeightsError, match=r"unexpected tensors: model\.layers\.9\.extra"):
+        load_model(ckpt, torch.float32)
+
+
+def test_wrong_shape_is_named(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"score.0.weight": torch.zeros(64, 65)}))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor score\.0\.weight has shape \(64, 65\), expected \(64, 64\)"):
+        load_model(ckpt, torch.float32)
+
+
+def test_integer_tensor_is_refused(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"score.2.bias": torch.zeros(1, dtype=torch.int32)}))
+    with pytest.raises(WeightsError, match=r"score\.2\.bias has dtype torch\.int32"):
+        load_model(ckpt, torch.float32)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 10])
+def test_truncated_or_corrupt_file_is_named(ckpt, keep):
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else b"not a safetensors file at all")
+    with pytest.raises(WeightsError, match=r"model\.safetensors"):
+        load_model(ckpt, torch.float32)
+
+
+def test_missing_files_and_bad_config(ckpt, tmp_path):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no model.safetensors"):
+        load_model(ckpt, torch.float32)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="config.json"):
+        load_model(ckpt, torch.float32)
+    with pytest.raises(WeightsError, match="no such checkpoint folder"):
+        Reranker.from_pretrained(tmp_path / "nowhere")
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="huggingface-cli download"):
+        Reranker.from_pretrained("jinaai/jina-reranker-m0")
