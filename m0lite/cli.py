@@ -1,0 +1,136 @@
+"""Command line: `m0lite rank`, `m0lite demo`, `m0lite serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import M0liteError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+# The seed example: a query against texts in several languages (from the jina-reranker-m0 model card).
+DEMO_QUERY = "small language model data extraction"
+DEMO_DOCUMENTS = [
+    "We present ReaderLM-v2, a compact 1.5 billion parameter language model designed for efficient web content "
+    "extraction. Our model processes documents up to 512K tokens, transforming messy HTML into clean Markdown or "
+    "JSON formats with high accuracy -- making it an ideal tool for grounding large language models.",
+    "数据提取么？为什么不用正则啊，你用正则不就全解决了么？",
+    "During the California Gold Rush, some merchants made more money selling supplies to miners than the miners "
+    "made finding gold.",
+    "Die wichtigsten Beiträge unserer Arbeit sind zweifach: Erstens führen wir eine neuartige dreistufige "
+    "Datensynthese-Pipeline namens Draft-Refine-Critique ein, die durch iterative Verfeinerung hochwertige "
+    "Trainingsdaten generiert.",
+]
+
+
+def document_arg(arg: str):
+    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text."""
+    if arg.startswith(("http://", "https://", "data:image/")):
+        return {"image": arg}
+    path = Path(arg)
+    if len(arg) < 4096 and path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return {"image": str(path)}
+        try:
+            return {"text": path.read_text(encoding="utf-8")}
+        except UnicodeDecodeError:
+            raise M0liteError(f"{path}: not UTF-8 text and not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})") from None
+    return {"text": arg}
+
+
+def print_ranking(results: list[dict], documents: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"results": results}, ensure_ascii=False, indent=2))
+        return
+    print(f"{'rank':>4}  {'score':>8}  {'doc':>4}  document")
+    for rank, r in enumerate(results, 1):
+        d = documents[r["index"]]
+        text = f"[image] {d['image']}" if "image" in d else d["text"]
+        text = " ".join(text.split())
+        print(f"{rank:>4}  {r['relevance_score']:8.4f}  {r['index']:>4}  {text[:80] + ('…' if len(text) > 80 else '')}")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="checkpoint folder or hub repo id (e.g. jinaai/jina-reranker-m0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def cmd_rank(args) -> None:
+    from .reranker import Reranker
+
+    if not args.documents:
+        raise M0liteError("give at least one document")
+    if (args.query is None) == (args.query_image is None):
+        raise M0liteError("give exactly one of --query TEXT or --query-image PATH_OR_URL")
+    query = {"image": args.query_image} if args.query_image else args.query
+    documents = [document_arg(d) for d in args.documents]
+    rr = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    results = rr.rank(query, documents, top_n=args.top_n, show_progress=len(documents) > 32 and not args.json)
+    print_ranking(results, documents, args.json)
+
+
+def cmd_demo(args) -> None:
+    from .reranker import Reranker
+
+    model = args.model
+    if model is None:
+        from weights.writer import write_random_checkpoint
+
+        model = Path(args.cache).expanduser() / "demo-tiny"
+        if not (model / "model.safetensors").exists():
+            write_random_checkpoint(model, seed=0)
+        print(f"Demo checkpoint: {model}\nNOTE: random weights in the published layout (no hub access here); the scores "
+              "below exercise the whole pipeline but mean nothing. Pass --model jinaai/jina-reranker-m0 for real ones.\n",
+              file=sys.stderr)
+    rr = Reranker.from_pretrained(model, device=args.device, dtype=args.dtype)
+    documents = [{"text": d} for d in DEMO_DOCUMENTS]
+    print(f"query: {DEMO_QUERY}")
+    print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m0lite", description="jina-reranker-m0 reranking, without transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rank", help="rank documents (texts, text files, image files or URLs) for a query")
+    add_model_arguments(p)
+    p.add_argument("--query", help="the query text")
+    p.add_argument("--query-image", help="an image query: file, URL, base64 or data URI")
+    p.add_argument("--top-n", type=int, default=None, help="print only the best N")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("documents", nargs="*", metavar="DOC")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("demo", help="rank the seed example (on a local random checkpoint unless --model is given)")
+    add_model_arguments(p, required=False)
+    p.add_argument("--cache", default="~/.cache/m0lite", help="where the demo checkpoint is written")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the Jina-compatible /v1/rerank HTTP API")
+    try:
+        from .server import add_serve_arguments, serve
+    except ImportError as e:  # the optional `serve` extra is missing
+        p.set_defaults(func=lambda a, e=e: (_ for _ in ()).throw(M0liteError(f"m0lite serve needs `pip install m0lite[serve]` ({e})")))
+    else:
+        add_serve_arguments(p)
+        p.set_defaults(func=serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except M0liteError as e:
+        print(f"m0lite: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
