@@ -56,7 +56,7 @@ def print_ranking(results: list[dict], documents: list, as_json: bool) -> None:
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="checkpoint folder or hub repo id (e.g. jinaai/jina-reranker-m0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA and on CPUs with native bf16, else float32)")
 
 
 def cmd_rank(args) -> None:

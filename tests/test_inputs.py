@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from m0lite import InputError, Reranker
@@ -39,6 +40,13 @@ def test_an_empty_document_is_scored(tiny_reranker):
     assert 0 < tiny_reranker.rank("q", [""])[0]["relevance_score"] < 1
 
 
+def test_default_dtype_follows_the_cpu(tiny_ckpt):
+    from m0lite.reranker import cpu_has_native_bf16
+
+    rr = Reranker.from_pretrained(tiny_ckpt)
+    assert rr.model.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+
+
 @pytest.mark.parametrize("kw,match", [(dict(dtype="int8"), "unknown dtype"), (dict(device="tpu"), "device"),
                                       (dict(device="cuda"), "CUDA is not available")])
 def test_bad_dtype_or_device(tiny_ckpt, kw, match):
@@ -50,7 +58,7 @@ def test_cli_ranks_text_files_and_images(tiny_ckpt, tiny_reranker, tmp_path, cap
     (tmp_path / "notes.txt").write_text("markdown notes from a file")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "page.png")
     docs = ["literal text", str(tmp_path / "notes.txt"), str(tmp_path / "page.png")]
-    assert main(["rank", "--model", str(tiny_ckpt), "--query", "slm markdown", "--json", *docs]) == 0
+    assert main(["rank", "--model", str(tiny_ckpt), "--dtype", "float32", "--query", "slm markdown", "--json", *docs]) == 0
     out = json.loads(capsys.readouterr().out)["results"]
     expected = tiny_reranker.rank("slm markdown", ["literal text", "markdown notes from a file", {"image": str(tmp_path / "page.png")}])
     assert out == [pytest.approx(r) for r in expected]

@@ -46,7 +46,7 @@ CONFIGS = {
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair_of_models(request, tmp_path_factory):
     folder = write_random_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param], seed=1)
-    return Reranker.from_pretrained(folder), Reference(folder)
+    return Reranker.from_pretrained(folder, dtype="float32"), Reference(folder)
 
 
 def prompt_ids(rr: Reranker, query: str, doc: str, max_length=10240, max_query_length=512, max_doc_length=None):
@@ -130,4 +130,4 @@ def test_bf16_within_tolerance(tiny_ckpt, tiny_reference):
     pairs = [[QUERY, d] for d in DOCS]
     ours = rr.compute_score(pairs)
     assert ours == pytest.approx([Reranker.normalize(s) for s in ref.raw_scores(pairs, batch_size=1)], abs=2e-2)
-    assert ours == pytest.approx(Reranker.from_pretrained(tiny_ckpt).compute_score(pairs), abs=2e-2)
+    assert ours == pytest.approx(Reranker.from_pretrained(tiny_ckpt, dtype="float32").compute_score(pairs), abs=2e-2)

@@ -57,13 +57,13 @@ def test_sharded_and_half_precision_files_load(tmp_path, tiny_reranker):
     expected = tiny_reranker.compute_score(PAIRS, normalize_scores=False)
     sharded = write_random_checkpoint(tmp_path / "sharded", seed=0, max_shard_bytes=4_000_000)
     assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 1
-    assert Reranker.from_pretrained(sharded).compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=1e-6)
+    assert Reranker.from_pretrained(sharded, dtype="float32").compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=1e-6)
     for dtype in (torch.bfloat16, torch.float16):
         half = write_random_checkpoint(tmp_path / str(dtype), seed=0, dtype=dtype)
         model = load_model(half, torch.float32)
         assert model.model.norm.weight.dtype == torch.float32
         # Same seed, rounded weights: close to the fp32 checkpoint, not equal.
-        assert Reranker.from_pretrained(half).compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=0.05)
+        assert Reranker.from_pretrained(half, dtype="float32").compute_score(PAIRS, normalize_scores=False) == pytest.approx(expected, abs=0.05)
 
 
 def test_transformers_5x_save_loads(tmp_path, tiny_ckpt, tiny_reference, tiny_reranker):
@@ -78,7 +78,7 @@ def test_transformers_5x_save_loads(tmp_path, tiny_ckpt, tiny_reference, tiny_re
         names |= set(load_file(str(f)))
     assert any(n.startswith("model.language_model.") for n in names)
     names.discard("lm_head.weight")
-    rr = Reranker.from_pretrained(out)
+    rr = Reranker.from_pretrained(out, dtype="float32")
     assert rr.compute_score(PAIRS, normalize_scores=False) == pytest.approx(tiny_reranker.compute_score(PAIRS, normalize_scores=False), abs=1e-6)
 
 

@@ -1,8 +1,8 @@
 """Read a jina-reranker-m0 checkpoint into `JinaReranker`, strictly.
 
-The model is built on the meta device (no memory), then each tensor is read
-from the safetensors file(s) once, cast to the requested dtype and assigned in
-place. Every parameter must be filled exactly once with the right shape; a
+The model is built on the meta device (no memory), then each tensor is
+assigned in place: as a zero-copy view on the memory-mapped file when its dtype
+and device are the ones asked for, else cast once. Every parameter must be filled exactly once with the right shape; a
 missing, unexpected or mis-shaped tensor, a non-float tensor or a corrupt file
 is an error naming the key and the file.
 """
@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
 from m0lite.model import JinaReranker
+
+from .safetensors_mmap import read_tensors
 
 # transformers 5.x saves Qwen2-VL under new prefixes; the published (4.x) names are ours.
 PREFIX_5X = {"model.visual.": "visual.", "model.language_model.": "model."}
@@ -42,52 +43,53 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {n: checkpoint_shape(n, p.shape, cfg) for n, p in model.state_dict().items()}
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint key -> the file that holds it (one file, or shards listed in the index)."""
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors file, or the shards listed in the index."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a valid safetensors index: {e}") from None
-        return {k: folder / f for k, f in weight_map.items()}
+        return sorted({folder / f for f in weight_map.values()})
     if single.exists():
-        with _open(single) as f:
-            return {k: single for k in f.keys()}
+        return [single]
     raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types (header, truncation, I/O)
-        raise WeightsError(f"{path}: cannot read safetensors file (corrupt or truncated?): {e}") from None
+def read_checkpoint(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
+    """Our name -> (tensor view, file it came from), over all files; a key twice is an error."""
+    out = {}
+    for path in weight_files(folder):
+        for key, t in read_tensors(path).items():
+            if key in IGNORED:
+                continue
+            name = our_name(key)
+            if name in out:
+                raise WeightsError(f"{path}: tensor {key} also appears in {out[name][1]}")
+            out[name] = (t, path)
+    return out
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> JinaReranker:
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
     expected = expected_tensors(cfg)
-    files = {our_name(k): (k, f) for k, f in weight_files(folder).items() if k not in IGNORED}
+    files = read_checkpoint(folder)
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
     if missing or unexpected:
-        where = ", ".join(sorted({str(f) for _, f in files.values()})) or str(folder)
+        where = ", ".join(str(p) for p in weight_files(folder))
         parts = [f"missing tensors: {_few(missing)}" if missing else "", f"unexpected tensors: {_few(unexpected)}" if unexpected else ""]
         raise WeightsError(f"{where}: checkpoint does not match config.json: " + "; ".join(p for p in parts if p))
 
-    state, handles = {}, {}
-    for name, (key, path) in files.items():
-        f = handles.get(path) or handles.setdefault(path, _open(path))
-        try:
-            t = f.get_tensor(key)
-        except Exception as e:
-            raise WeightsError(f"{path}: cannot read tensor {key}: {e}") from None
+    state = {}
+    for name, (t, path) in files.items():
         if tuple(t.shape) != expected[name]:
-            raise WeightsError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {expected[name]}")
+            raise WeightsError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
         if t.dtype not in FLOAT_DTYPES:
-            raise WeightsError(f"{path}: tensor {key} has dtype {t.dtype}, expected bf16, fp16 or fp32")
-        state[name] = t.to(device=device, dtype=dtype)
+            raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected bf16, fp16 or fp32")
+        state[name] = t.to(device=device, dtype=dtype)  # a no-op (the mmap view itself) when nothing changes
     state["visual.patch_embed.proj.weight"] = state["visual.patch_embed.proj.weight"].flatten(1)
 
     with torch.device("meta"):
