@@ -5,6 +5,11 @@ It runs on packed sequences: all tokens of a batch side by side in one
 inside each sequence. No padding, so a sequence's result never depends on what
 else is in its batch. Module names equal the checkpoint's tensor names
 (`model.layers.N.self_attn.q_proj`, ...).
+
+For the document cache a batch can also be run in two steps: `prefill` of the
+document prefixes (keeping each layer's keys and values), then `forward` of the
+rest of each prompt with those as `past`. Attention is causal, so the result is
+the same as one pass over the whole prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
+def attention_with_past(q, k, v, cu_seqlens, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Causal attention of each packed sequence's new tokens over its past keys/values and itself.
+    q (T, nh, hd), k/v (T, nkv, hd); past[i] = (k, v) of shape (P_i, nkv, hd). Query j of a
+    sequence sees all P_i past keys and new keys 0..j."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for (s, e), (pk, pv) in zip(zip(bounds[:-1], bounds[1:]), past):
+        n, p = e - s, pk.shape[0]
+        ks, vs = torch.cat([pk, k[s:e]]), torch.cat([pv, v[s:e]])
+        mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                           attn_mask=mask, enable_gqa=ks.shape[1] != q.shape[1])
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -39,13 +60,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def kv(self, x, cos, sin):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, nh, hd)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # (T, nkv, hd)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        return apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None):
+        """`past`: per sequence (k, v) to attend to before its tokens; `keep`: a list to append this
+        layer's (k, v) to."""
+        T = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # (T, nh, hd)
+        k, v = self.kv(x, cos, sin)
+        if keep is not None:
+            keep.append((k, v))
+        if past is None:
+            out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        else:
+            out = attention_with_past(q, k, v, cu_seqlens, past)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -68,15 +100,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, cu_seqlens, max_seqlen):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, h, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None, rows=None):
+        """`rows`: compute the output only for these token rows (the last layer needs only each
+        sequence's last token; attention still reads every token)."""
+        a = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seqlen, past, keep)
+        if rows is not None:
+            a, h = a[rows], h[rows]
         x, h = self.post_attention_layernorm(a, residual=h)  # h += a, then norm, in one pass
         return h + self.mlp(x)
 
 
 class Decoder(nn.Module):
-    """`model.*` of the checkpoint. forward: embeddings (tokens, hidden) -> final-norm hidden states of
-    the last token of each sequence (batch, hidden)."""
+    """`model.*` of the checkpoint."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -85,9 +120,23 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, cu_seqlens, max_seqlen):
-        for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, h, cos, sin, cu_seqlens, max_seqlen, past=None):
+        """Embeddings (tokens, hidden) -> final-norm hidden state of each sequence's last token
+        (batch, hidden). `past`: per sequence, the (layers, 2, P, nkv, hd) keys and values of its prefix."""
         last = cu_seqlens[1:].long() - 1
-        # The score reads only each sequence's last token; the norm is per token, so norming just those is exact.
-        return self.norm(h[last])
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past is None else [(p[i, 0], p[i, 1]) for p in past]
+            # The score reads only the last token of each sequence; the last layer computes nothing else.
+            h = layer(h, cos, sin, cu_seqlens, max_seqlen, layer_past, rows=last if i == len(self.layers) - 1 else None)
+        return self.norm(h)
+
+    def prefill(self, h, cos, sin, cu_seqlens, max_seqlen) -> list[torch.Tensor]:
+        """Keys and values of every layer for packed prefixes: per sequence (layers, 2, P, nkv, hd)."""
+        keep: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self.layers[:-1]:
+            h = layer(h, cos, sin, cu_seqlens, max_seqlen, keep=keep)
+        last = self.layers[-1].self_attn  # only its keys and values are needed, not its output
+        keep.append(last.kv(self.layers[-1].input_layernorm(h), cos, sin))
+        bounds = cu_seqlens.tolist()
+        kv = torch.stack([torch.stack(pair) for pair in keep])  # (layers, 2, T, nkv, hd)
+        return [kv[:, :, s:e].clone() for s, e in zip(bounds[:-1], bounds[1:])]

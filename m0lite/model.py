@@ -16,13 +16,13 @@ from torch import nn
 
 from .config import ModelConfig
 from .decoder import Decoder
-from .rope import inv_freq, mrope_cos_sin, mrope_positions
+from .rope import inv_freq, mrope_cos_sin
 from .vision import VisionTower
 
 
 @dataclass
 class PackedBatch:
-    """Several prompts side by side. Images are listed in order of appearance in input_ids."""
+    """Several token sequences side by side. Images are listed in order of appearance in input_ids."""
 
     input_ids: torch.Tensor  # (tokens,) int64
     positions: torch.Tensor  # (3, tokens) M-RoPE position ids
@@ -32,12 +32,12 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None  # (patches, 1176) of all images, or None
 
     @classmethod
-    def pack(cls, prompts: list[list[int]], grids: list[list[tuple[int, int, int]]], image_token_id: int, merge: int, pixel_values=None) -> "PackedBatch":
-        lengths = [len(p) for p in prompts]
-        positions = torch.cat([mrope_positions(p, g, image_token_id, merge) for p, g in zip(prompts, grids)], dim=1)
+    def pack(cls, ids: list[list[int]], positions: list[torch.Tensor], grids: list[list[tuple[int, int, int]]],
+             pixel_values: torch.Tensor | None = None) -> "PackedBatch":
+        lengths = [len(p) for p in ids]
         return cls(
-            input_ids=torch.tensor([i for p in prompts for i in p], dtype=torch.long),
-            positions=positions,
+            input_ids=torch.tensor([i for p in ids for i in p], dtype=torch.long),
+            positions=torch.cat(positions, dim=1),
             cu_seqlens=F.pad(torch.tensor(lengths).cumsum(0, dtype=torch.int32), (1, 0)),
             max_seqlen=max(lengths),
             grids=[g for gs in grids for g in gs],
@@ -62,10 +62,8 @@ class JinaReranker(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
-    @torch.inference_mode()
-    def forward(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden) may be given
-        precomputed; otherwise batch.pixel_values are encoded."""
+    def _inputs(self, batch: PackedBatch, image_embeds: torch.Tensor | None):
+        """Token embeddings with the visual tokens in the image slots, and the M-RoPE cos/sin."""
         dev, cfg = self.device, self.cfg
         input_ids = batch.input_ids.to(dev)
         h = self.model.embed_tokens(input_ids)
@@ -78,5 +76,16 @@ class JinaReranker(nn.Module):
             h[slots] = image_embeds.to(h.dtype)
         freqs = inv_freq(cfg.text.head_dim, cfg.text.rope_theta).to(dev)
         cos, sin = mrope_cos_sin(batch.positions, freqs, cfg.text.mrope_section, h.dtype)
-        last = self.model(h, cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen)
+        return h, cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden): the images' tokens,
+        else batch.pixel_values are encoded. `past`: per sequence, keys/values of a prefix it continues."""
+        last = self.model(*self._inputs(batch, image_embeds), past=past)
         return self.score(last).squeeze(-1).float()
+
+    @torch.inference_mode()
+    def prefill(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per sequence, the (layers, 2, tokens, kv_heads, head_dim) keys and values of all its tokens."""
+        return self.model.prefill(*self._inputs(batch, image_embeds))

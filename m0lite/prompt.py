@@ -65,6 +65,9 @@ class Side:
 class Prompt:
     input_ids: list[int]
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # images in order of appearance
+    # Tokens of the document part ("**Document**:\n{doc}\n**Query**:\n") at the start of input_ids,
+    # when asked for and when they tokenize the same alone as inside the prompt; else 0.
+    prefix_len: int = 0
 
 
 def cut_document(tok: Tokenizer, doc: str, max_doc_length: int) -> str:
@@ -74,20 +77,34 @@ def cut_document(tok: Tokenizer, doc: str, max_doc_length: int) -> str:
     return tok.decode(ids[:max_doc_length]) if len(ids) >= max_doc_length else doc
 
 
-def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max_doc_length: int, merge: int = 2) -> Prompt:
-    """Token ids of one pair (score token included) and the grids of its images, document first."""
-    doc_str = IMAGE_PLACEHOLDER if doc.is_image else cut_document(tok, doc.text, max_doc_length)
-    query_str = IMAGE_PLACEHOLDER if query.is_image else query.text
-    ids = tok.encode(f"**Document**:\n{doc_str}\n**Query**:\n{query_str}")
-    grids = [s.grid for s in (doc, query) if s.is_image]
-    # Expand each single <|image_pad|> to one token per visual token.
+def expand_images(ids: list[int], grids: list[tuple[int, int, int]], image_pad_id: int, merge: int) -> list[int]:
+    """Each single <|image_pad|> becomes one token per visual token of its image."""
     expanded, it = [], iter(grids)
     for i in ids:
-        if i == tok.image_pad_id:
+        if i == image_pad_id:
             t, h, w = next(it)
             expanded.extend([i] * (t * h * w // merge**2))
         else:
             expanded.append(i)
+    return expanded
+
+
+def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max_doc_length: int, merge: int = 2,
+                 split_prefix: bool = False) -> Prompt:
+    """Token ids of one pair (score token included) and the grids of its images, document first.
+    With split_prefix, also find where the document part ends (for the document cache)."""
+    doc_str = IMAGE_PLACEHOLDER if doc.is_image else cut_document(tok, doc.text, max_doc_length)
+    query_str = IMAGE_PLACEHOLDER if query.is_image else query.text
+    prefix_str = f"**Document**:\n{doc_str}\n**Query**:\n"
+    ids = tok.encode(prefix_str + query_str)
+    grids = [s.grid for s in (doc, query) if s.is_image]
+    expanded = expand_images(ids, grids, tok.image_pad_id, merge)
+    prefix_len = 0
+    if split_prefix:
+        prefix = expand_images(tok.encode(prefix_str), grids[:1] if doc.is_image else [], tok.image_pad_id, merge)
+        # BPE may merge across the boundary (a query starting with a newline, say): then no split.
+        if expanded[: len(prefix)] == prefix and len(prefix) <= max_length - 1:
+            prefix_len = len(prefix)
     if len(expanded) > max_length - 1:
         expanded = expanded[: max_length - 1]
         n_image = sum(t * h * w // merge**2 for t, h, w in grids)
@@ -96,7 +113,7 @@ def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max
                 f"max_length={max_length} cuts into an image's {n_image} visual tokens; raise max_length "
                 f"(the prompt needs {len(ids) - len(grids) + n_image + 1} tokens) or lower the image's max_pixels"
             )
-    return Prompt(expanded + [SCORE_TOKEN_ID], grids)
+    return Prompt(expanded + [SCORE_TOKEN_ID], grids, prefix_len)
 
 
 def check_text(text, what: str, allow_empty: bool = False) -> str:

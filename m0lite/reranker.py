@@ -16,8 +16,10 @@ import torch
 
 from .errors import InputError
 from .images import load_image, preprocess
+from .cache import TensorLRU, tensor_key
 from .model import JinaReranker, PackedBatch
 from .prompt import Side, Tokenizer, build_prompt, check_text
+from .rope import mrope_positions
 
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
 MIN_PIXELS, MAX_PIXELS = 3136, 602112  # the reranker's processor settings: 4..768 visual tokens per image
@@ -31,6 +33,7 @@ class _Input:
 
     side: Side
     pixels: torch.Tensor | None = None
+    key: bytes | None = None  # digest of the pixels, for the visual-token cache
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,10 +70,15 @@ def resolve_device(device) -> torch.device:
 
 class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
-                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384):
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
+                 vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0):
+        """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
+        cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
+        self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
+        self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, **kwargs) -> "Reranker":
@@ -115,21 +123,75 @@ class Reranker:
         if max_length < 2:
             raise InputError(f"max_length must be at least 2, got {max_length}")
         merge = self.model.cfg.vision.spatial_merge_size
-        prompts = [build_prompt(self.tokenizer, q.side, d.side, max_length=max_length, max_doc_length=max_doc_length, merge=merge)
-                   for q, d in pairs]
-        pixels = [[i.pixels for i in (d, q) if i.pixels is not None] for q, d in pairs]  # document first, as in the prompt
+        use_doc_cache = self.doc_cache is not None
+        prompts = [build_prompt(self.tokenizer, q.side, d.side, max_length=max_length, max_doc_length=max_doc_length,
+                                merge=merge, split_prefix=use_doc_cache) for q, d in pairs]
+        images = [[i for i in (d, q) if i.pixels is not None] for q, d in pairs]  # document first, as in the prompt
         scores: list[float] = [math.nan] * len(pairs)
         batches = list(self._batches([len(p.input_ids) for p in prompts], batch_size))
         if show_progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
+        image_id = self.model.cfg.image_token_id
         for idx in batches:
-            px = [t for i in idx for t in pixels[i]]
-            batch = PackedBatch.pack([prompts[i].input_ids for i in idx], [prompts[i].grids for i in idx],
-                                     self.model.cfg.image_token_id, merge, torch.cat(px) if px else None)
-            for i, s in zip(idx, self.model(batch).tolist()):
-                scores[i] = s
+            seqs = []  # per pair: (token ids, positions, images, document-prefix key and part or None)
+            for i in idx:
+                p = prompts[i]
+                pos = mrope_positions(p.input_ids, p.grids, image_id, merge)
+                n = p.prefix_len
+                if not n:
+                    seqs.append((p.input_ids, pos, images[i], None))
+                    continue
+                doc_images = images[i][:1] if pairs[i][1].pixels is not None else []
+                key = tensor_key(p.input_ids[:n], *[self._image_key(im) for im in doc_images])
+                seqs.append((p.input_ids[n:], pos[:, n:], images[i][len(doc_images):], (key, p.input_ids[:n], pos[:, :n], doc_images)))
+            past = self._prefixes([s[3] for s in seqs]) if use_doc_cache else None
+            batch = PackedBatch.pack([s[0] for s in seqs], [s[1] for s in seqs], [[im.side.grid for im in s[2]] for s in seqs])
+            for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s[2]]), past).tolist()):
+                scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
+
+    def _image_key(self, im: _Input) -> bytes:
+        if im.key is None:
+            im.key = tensor_key(im.pixels, im.side.grid)
+        return im.key
+
+    def _visual_tokens(self, images: list[_Input]) -> torch.Tensor | None:
+        """Visual tokens of the images, in order: from the cache, else encoded (each distinct image once)."""
+        if not images:
+            return None
+        found = {}
+        for im in images:
+            key = self._image_key(im)
+            if key not in found and (hit := self.vision_cache.get(key) if self.vision_cache else None) is not None:
+                found[key] = hit
+        todo = list({self._image_key(im): im for im in images if self._image_key(im) not in found}.values())
+        if todo:
+            dev = self.model.device
+            out = self.model.visual(torch.cat([im.pixels for im in todo]).to(dev), [im.side.grid for im in todo])
+            merge = self.model.cfg.vision.spatial_merge_size ** 2
+            for im, tokens in zip(todo, out.split([t * h * w // merge for t, h, w in (im.side.grid for im in todo)])):
+                found[im.key] = tokens
+                if self.vision_cache is not None:
+                    self.vision_cache.put(im.key, tokens)
+        return torch.cat([found[im.key] for im in images])
+
+    def _prefixes(self, parts: list) -> list[torch.Tensor]:
+        """Keys/values of each pair's document prefix (an empty one where there is none), from the cache
+        or computed in one packed pass (each distinct document once)."""
+        found = {}
+        for part in parts:
+            if part is not None and part[0] not in found and (hit := self.doc_cache.get(part[0])) is not None:
+                found[part[0]] = hit
+        todo = list({part[0]: part for part in parts if part is not None and part[0] not in found}.values())
+        if todo:
+            batch = PackedBatch.pack([t[1] for t in todo], [t[2] for t in todo], [[im.side.grid for im in t[3]] for t in todo])
+            for (key, *_), kv in zip(todo, self.model.prefill(batch, self._visual_tokens([im for t in todo for im in t[3]]))):
+                found[key] = kv
+                self.doc_cache.put(key, kv)
+        cfg = self.model.cfg.text
+        empty = torch.empty(cfg.num_hidden_layers, 2, 0, cfg.num_key_value_heads, cfg.head_dim, dtype=self.model.dtype, device=self.model.device)
+        return [found[part[0]] if part is not None else empty for part in parts]
 
     def _batches(self, lengths: list[int], batch_size: int):
         """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone)."""
