@@ -89,7 +89,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)  # in place below: the (tokens, intermediate) activations are the largest tensors
+        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,42 @@
+"""Torch twins of the Triton kernels: same signatures, same math.
+
+They are the model's CPU path and the oracle the kernel tests compare against,
+so they follow the transformers Qwen2 code exactly (dtype casts included).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_torch(x, weight, eps, residual=None):
+    """RMSNorm over the last dim, as transformers' Qwen2RMSNorm computes it.
+
+    y = weight * (h / sqrt(mean(h**2) + eps)).to(h.dtype), with the statistics in fp32.
+    Without `residual`, h = x and y is returned. With it, h = x + residual (in x's
+    dtype, like the decoder's `residual + hidden_states`) and (y, h) is returned.
+    """
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    y = weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return y if residual is None else (y, h)
+
+
+def attention_torch(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
+    """softmax(q k^T * scale [+ causal mask]) v over packed variable-length sequences.
+
+    q: (total, n_heads, d); k, v: (total, n_kv_heads, d); cu_seqlens: int32 (batch+1,),
+    sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] and attends only to itself.
+    Query head h reads kv head h // (n_heads // n_kv_heads), as transformers' repeat_kv.
+    `max_seqlen` is unused here (the Triton launcher sizes its grid with it).
+    Returns (total, n_heads, d) in q's dtype.
+    """
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, L, d)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
