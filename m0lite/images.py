@@ -393,7 +393,11 @@ def _opener(allow_private_urls: bool) -> urllib.request.OpenerDirector:
 
 def _fetch(url: str, name: str, *, timeout: float, max_bytes: int, allow_private_urls: bool) -> bytes:
     """GET `url` with stdlib urllib: http(s) only, a socket timeout, an overall deadline, a byte cap."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - urlsplit checks brackets, .port the port number; both raise ValueError
+    except ValueError as e:
+        raise ImageError(f"{name}: malformed URL: {e}") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise ImageError(f"{name}: unsupported scheme {parts.scheme!r} (only http and https)")
     if not parts.hostname:

@@ -444,6 +444,11 @@ def test_bad_scheme(url):
     raises_clean(ImageError, lambda: load_image(url), url, "scheme")
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://host:99999/x.png", "http://a:b/"])
+def test_malformed_url(url):
+    raises_clean(ImageError, lambda: load_image(url), url, "malformed URL")
+
+
 # --- bad images ---------------------------------------------------------------------
 
 

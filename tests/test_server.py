@@ -3,11 +3,12 @@
 Two kinds of test:
 - in process (FastAPI's TestClient, or httpx over the ASGI transport) around
   `FakeReranker`, a deterministic stand-in that can be slow or fail on demand:
-  API behaviour, every bad input, auth, batching, overload, deadlines, fuzzing;
+  API behaviour, every bad input, auth, batching, overload, deadlines; and a
+  hypothesis fuzz run against the app around the real tiny model (no 500, ever);
 - one real server process on loopback with the tiny random checkpoint: scores
   equal `Reranker.rank` on the model card's example (images served by a local
-  http.server), and the cases that need real sockets (a 50 MB body, an image
-  URL that hangs).
+  http.server), also under concurrent clients, and the cases that need real
+  sockets (a 50 MB body, an image URL that hangs).
 Nothing outside 127.0.0.1 is contacted.
 """
 
@@ -20,6 +21,7 @@ import http.server
 import io
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -241,12 +243,16 @@ def test_bad_requests_get_clear_errors():
 
 def test_limits():
     with client(max_documents=3, max_text_chars=10, max_body_bytes=2000, max_image_bytes=100,
-                max_image_pixels=50 * 50) as c:
+                max_image_pixels=50 * 50, max_images=1) as c:
         def post(body):
             return c.post("/v1/rerank", json=body)
 
         r = post({"query": "q", "documents": ["a"] * 4})
         assert r.status_code == 413 and "over the limit of 3" in r.json()["detail"]
+        r = post({"query": "q", "documents": {"content": ["a"] * 4}})
+        assert r.status_code == 413 and "over the limit of 3" in r.json()["detail"]
+        r = post({"query": {"image": "AAAA"}, "documents": [{"image": "AAAA"}]})
+        assert r.status_code == 413 and "has 2 images (query and documents), over the limit of 1" in r.json()["detail"]
         r = post({"query": "q", "documents": ["a", "b" * 11]})
         assert r.status_code == 413 and r.json()["detail"].startswith("documents[1]: text is 11 characters")
         r = post({"query": "q" * 11, "documents": ["a"]})
@@ -389,7 +395,8 @@ chaotic = st.fixed_dictionaries(
     optional={"model": st.text(max_size=10) | json_any, "top_n": st.integers(-2, 8) | json_any,
               "top_k": st.integers(-2, 8), "return_documents": st.booleans() | json_any, "extra": json_any})
 # Mostly-valid requests, so that the success path is fuzzed too.
-good_image = st.sampled_from([PNG_B64, "data:image/png;base64," + PNG_B64, base64.b64encode(png(30, 90)).decode()])
+good_image = st.sampled_from([PNG_B64, "data:image/png;base64," + PNG_B64] + [
+    base64.b64encode(png(w, h)).decode() for w, h in [(30, 90), (1, 1), (3, 600), (601, 3), (1, 250)]])
 good_doc = st.text(max_size=30) | st.builds(lambda t: {"text": t}, st.text(max_size=30)) | st.builds(
     lambda s: {"image": s}, good_image)
 plausible = st.fixed_dictionaries(
@@ -400,12 +407,13 @@ request = plausible | chaotic
 
 
 @pytest.fixture(scope="module")
-def fuzz_client():
-    with client(max_documents=4, max_text_chars=30, image_timeout=0.5) as c:
+def fuzz_client(tiny_reranker):
+    """The real tiny model behind the app, so that the fuzz reaches its checks too."""
+    with client(tiny_reranker, max_documents=4, max_text_chars=30, image_timeout=0.5) as c:
         yield c
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=request | json_any | st.binary(max_size=64), as_json=st.booleans())
 def test_fuzz_never_500(fuzz_client, body, as_json):
     if isinstance(body, bytes):
@@ -442,6 +450,8 @@ IMAGES = {  # stand-ins for the model card's image URLs, served from 127.0.0.1
     "/wired-preview.png": png(200, 100, (10, 10, 10)),
     "/using-deepseek-r1-reasoning-model-in-deepsearch.webp": png(120, 64, (0, 160, 80), fmt="WEBP"),
 }
+NOISE_PNG = io.BytesIO()
+Image.frombytes("RGB", (200, 200), random.Random(0).randbytes(200 * 200 * 3)).save(NOISE_PNG, format="PNG")
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
@@ -451,7 +461,7 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         if self.path == "/hang":  # accepts, then never answers (until the test ends)
             self.release.wait(30)
             return
-        body = IMAGES.get(self.path)
+        body = NOISE_PNG.getvalue() if self.path == "/noise.png" else IMAGES.get(self.path)
         self.send_response(200 if body else 404)
         self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
@@ -510,6 +520,7 @@ def real_server(tiny_ckpt, tmp_path_factory):
             pytest.fail(f"server did not come up:\n{log_path.read_text()[-3000:]}")
         yield url
         assert proc.poll() is None, f"server died:\n{log_path.read_text()[-3000:]}"
+        assert "internal error" not in log_path.read_text(), log_path.read_text()[-5000:]  # no 500 ever
     finally:
         proc.terminate()
         try:
@@ -570,13 +581,23 @@ def test_concurrent_clients_get_their_own_scores(real_server, image_server, tiny
     for chosen, (status, data) in zip(subsets, results):
         assert status == 200, data
         for x in data["results"]:
-            assert abs(x["relevance_score"] - expected[chosen[x["index"]]]) < 1e-5
+            assert abs(x["relevance_score"] - expected[chosen[x["index"]]]) < 1e-5, (chosen, x, expected)
+
+
+def test_image_download_limits(image_server):
+    with client(allow_private_urls=True, max_image_bytes=20_000) as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": image_server + "/paper-11.png"}]})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", {"image": image_server + "/noise.png"}]})
+        assert r.status_code == 413 and r.json()["detail"].startswith("documents[1]:"), r.text
+        assert "20000" in r.json()["detail"]
 
 
 def test_real_server_auth(real_server, tiny_ckpt):
     body = {"query": "q", "documents": ["a"]}
     assert httpx.post(f"{real_server}/v1/rerank", json=body).status_code == 401
-    assert httpx.post(f"{real_server}/v1/rerank", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(f"{real_server}/v1/rerank", json=body, headers=wrong).status_code == 401
     r = httpx.post(f"{real_server}/v1/rerank", json=body, headers=AUTH)
     assert r.status_code == 200 and r.json()["model"] == Path(tiny_ckpt).name
     assert httpx.get(f"{real_server}/v1/models", headers=AUTH).json()["data"][0]["id"] == Path(tiny_ckpt).name

@@ -1,0 +1,290 @@
+"""Load test of `m0lite serve`: N concurrent clients for a bounded time.
+
+Starts the server (the tiny random checkpoint unless --model is given) on
+127.0.0.1, with a local http.server for image documents, and drives --clients
+threads, each posting random subsets of one document pool for --seconds.
+Every answer is classified:
+
+    ok        200 with every score equal (1e-4) to a single direct call
+              (Reranker.rank on the whole pool, in this process)
+    wrong     200 with a score that differs: batching leaked between requests
+    refused   503 (queue full) with Retry-After
+    timeout   504 (deadline passed)
+    other     any other status, or a transport error (connection lost, ...)
+
+and the run fails unless sent == ok + refused + timeout, nothing is wrong or
+other, and the server process is alive and healthy at the end.
+
+Side by side it times the same workload as direct, sequential
+`Reranker.score_pairs` calls in this process, before and after the load (the
+better of the two counts: the machine may be shared): `vs_direct` is the
+server's pairs/s over that, i.e. what batching gains minus what HTTP costs.
+
+    python bench/bench_server.py --clients 8 --seconds 20
+    python bench/bench_server.py --model /path/to/jina-reranker-m0 --device cuda --docs 16
+    python bench/bench_server.py --max-queue 2 --clients 16   # overload: expect 503s, nothing lost
+    python bench/bench_server.py --max-queue 2 --clients 16 --no-backoff   # ...from impolite clients
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import itertools
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from common import ROOT, device_name, print_table, write_csv  # noqa: I001 (also puts ROOT on sys.path)
+
+from m0lite import Reranker  # noqa: E402
+from m0lite.images import load_image  # noqa: E402
+
+QUERY = "slm markdown"
+TEXTS = [
+    "We present ReaderLM-v2, a compact 1.5 billion parameter language model for web content extraction, "
+    "turning messy HTML into clean Markdown or JSON.",
+    "During the California Gold Rush, some merchants made more money selling supplies than miners made finding gold.",
+    "数据提取么？为什么不用正则啊，你用正则不就全解决了么？",
+    "Die wichtigsten Beiträge unserer Arbeit sind zweifach: eine dreistufige Datensynthese-Pipeline und eine "
+    "umfassende Trainingsstrategie.",
+    "Markdown is a lightweight markup language for creating formatted text using a plain-text editor.",
+    "Small language models trade breadth for speed and can run on a laptop.",
+]
+TOLERANCE = 1e-4
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(20):  # a few blocks, so the pages differ
+        x, y = rng.randrange(width), rng.randrange(height)
+        img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, min(width, x + 20), min(height, y + 10)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def start_image_server(n_images: int) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
+    pages = {f"/page-{i}.png": png(224 + 28 * i, 280, seed=i) for i in range(n_images)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path, b"")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, [base + path for path in pages]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "m0lite.server", "--model", model, "--port", str(port), "--allow-private-urls",
+           "--device", args.device, "--max-queue", str(args.max_queue), "--max-batch-pairs", str(args.max_batch_pairs),
+           "--request-timeout", str(args.request_timeout), "--log-level", "warning"]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("server did not come up within 600 s")
+
+
+def client_loop(url: str, pool: list[dict], reference: list[float], k: int, until: float, seed: int,
+                timeout: float, backoff: bool, out: list[dict]) -> None:
+    """Post random k-subsets of the pool until `until`; append one record per request.
+    With `backoff`, a refused client waits Retry-After seconds, as a polite client does."""
+    rng = random.Random(seed)
+    with httpx.Client(timeout=timeout) as http:
+        while time.monotonic() < until:
+            chosen = rng.sample(range(len(pool)), k)
+            body = {"query": QUERY, "documents": [pool[i] for i in chosen], "return_documents": False}
+            t0 = time.perf_counter()
+            try:
+                r = http.post(f"{url}/v1/rerank", json=body)
+            except httpx.HTTPError as e:
+                out.append({"kind": "other", "why": f"{type(e).__name__}: {e}", "ms": 0.0})
+                continue
+            ms = (time.perf_counter() - t0) * 1e3
+            if r.status_code == 200:
+                results = r.json()["results"]
+                good = len(results) == k and all(
+                    abs(x["relevance_score"] - reference[chosen[x["index"]]]) <= TOLERANCE for x in results)
+                out.append({"kind": "ok" if good else "wrong", "ms": ms, "pairs": k})
+            elif r.status_code == 503 and "retry-after" in r.headers:
+                out.append({"kind": "refused", "ms": ms})
+                if backoff:
+                    time.sleep(max(min(float(r.headers["retry-after"]), until - time.monotonic()), 0))
+            elif r.status_code == 504:
+                out.append({"kind": "timeout", "ms": ms})
+            else:
+                out.append({"kind": "other", "why": f"HTTP {r.status_code}: {r.text[:200]}", "ms": ms})
+
+
+def direct_pairs_per_s(reranker: Reranker, loaded: list, k: int, seconds: float) -> float:
+    """The same workload as the clients', as sequential direct score_pairs calls on the
+    pool's documents (images already loaded: the server too loads them outside the model).
+
+    Every distinct k-subset is scored once untimed first: CPU kernels are set up
+    per input shape, and the server, running longer, has met them all too."""
+    subsets = list(itertools.combinations(range(len(loaded)), k))
+    random.Random(0).shuffle(subsets)
+    subsets = subsets[:200]
+    for chosen in subsets:  # warm-up
+        reranker.score_pairs([(QUERY, loaded[i]) for i in chosen])
+    pairs, t0 = 0, time.perf_counter()
+    while time.perf_counter() < t0 + seconds or pairs == 0:
+        for chosen in subsets:
+            reranker.score_pairs([(QUERY, loaded[i]) for i in chosen])
+            pairs += k
+    return pairs / (time.perf_counter() - t0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder or hub id (default: a tiny random checkpoint)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--docs", type=int, default=4, help="documents per request")
+    p.add_argument("--images", type=int, default=2, help="image documents in the pool (served from 127.0.0.1)")
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--max-batch-pairs", type=int, default=16)
+    p.add_argument("--request-timeout", type=float, default=60)
+    p.add_argument("--no-backoff", action="store_true", help="retry a 503 at once instead of after Retry-After")
+    args = p.parse_args()
+
+    tmp = tempfile.TemporaryDirectory(prefix="m0lite-bench-")
+    if args.model:
+        model, label = args.model, Path(args.model).name
+    else:
+        from weights.writer import write_random_checkpoint
+
+        model, label = str(write_random_checkpoint(Path(tmp.name) / "tiny", seed=0)), "tiny (random)"
+    images, image_urls = start_image_server(args.images)
+    pool = [{"image": u} for u in image_urls] + [{"text": t} for t in TEXTS]
+    k = min(args.docs, len(pool))
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    reranker = Reranker.from_pretrained(model, device=args.device, dtype=dtype)
+    reference = [0.0] * len(pool)
+    for x in reranker.rank(QUERY, pool):
+        reference[x["index"]] = x["relevance_score"]
+    loaded = [d["text"] if "text" in d else load_image(d["image"]) for d in pool]
+    direct_seconds = min(5.0, args.seconds / 4)
+    direct_before = direct_pairs_per_s(reranker, loaded, k, direct_seconds)
+
+    log_path = Path(tmp.name) / "server.log"
+    proc, url = start_server(args, model, log_path)
+    records: list[dict] = []
+    try:
+        until = time.monotonic() + args.seconds
+        per_client: list[list[dict]] = [[] for _ in range(args.clients)]
+        threads = [threading.Thread(target=client_loop, args=(url, pool, reference, k, until, seed,
+                                                              args.request_timeout + 10, not args.no_backoff,
+                                                              per_client[seed]))
+                   for seed in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.seconds + args.request_timeout + 30)
+        elapsed = time.monotonic() - t0
+        hung = sum(t.is_alive() for t in threads)
+        records = [r for recs in per_client for r in recs]
+        alive = proc.poll() is None
+        healthy = alive and httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        images.shutdown()
+
+    # Timed again after the load: on a shared machine the better of the two is the fair baseline.
+    direct_after = direct_pairs_per_s(reranker, loaded, k, direct_seconds)
+    direct = max(direct_before, direct_after)
+    count = {kind: sum(r["kind"] == kind for r in records) for kind in ("ok", "wrong", "refused", "timeout", "other")}
+    ok_ms = [r["ms"] for r in records if r["kind"] == "ok"]
+    pairs_per_s = sum(r.get("pairs", 0) for r in records if r["kind"] == "ok") / elapsed
+    row = {
+        "model": label, "server_device": args.device, "clients": args.clients, "docs_per_req": k,
+        "images_in_pool": args.images, "max_queue": args.max_queue, "max_batch_pairs": args.max_batch_pairs,
+        "backoff": not args.no_backoff,
+        "seconds": round(elapsed, 1), "sent": len(records), "req_per_s": len(records) / elapsed,
+        "ok_req_per_s": count["ok"] / elapsed, "pairs_per_s": pairs_per_s, "direct_before": direct_before,
+        "direct_after": direct_after, "direct_pairs_per_s": direct,
+        "vs_direct": pairs_per_s / direct, "p50_ms": percentile(ok_ms, 50), "p99_ms": percentile(ok_ms, 99),
+        **count, "hung_clients": hung, "server_alive": alive,
+    }
+    print(f"\nserver load test: {label} on {args.device}; client machine {device_name()}")
+    print_table([row], ["clients", "docs_per_req", "sent", "req_per_s", "pairs_per_s", "direct_pairs_per_s",
+                        "vs_direct", "p50_ms", "p99_ms", "ok", "refused", "timeout", "wrong", "other"])
+    write_csv("server", [row])
+
+    failures = [r["why"] for r in records if r["kind"] == "other"][:5]
+    problems = []
+    if count["wrong"]:
+        problems.append(f"{count['wrong']} answers with wrong scores")
+    if count["other"]:
+        problems.append(f"{count['other']} requests lost or failed, e.g. {failures}")
+    if len(records) != count["ok"] + count["refused"] + count["timeout"] + count["wrong"] + count["other"]:
+        problems.append("records do not add up")
+    if hung:
+        problems.append(f"{hung} clients still waiting at the end (a hang)")
+    if not healthy:
+        problems.append(f"server dead or unhealthy at the end:\n{log_path.read_text()[-3000:]}")
+    if problems:
+        raise SystemExit("FAILED: " + "; ".join(problems))
+    print("nothing lost: every request was answered correctly or refused with 503/504; the server is healthy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Request and response models of the `/v1/rerank` HTTP API.
+
+The shape is Jina's (https://api.jina.ai/v1/rerank):
+
+    request   {model, query, documents, top_n?, return_documents?}
+    response  {model, usage: {total_tokens}, results: [{index, relevance_score, document?}]}
+
+`query` and each document are a string (text), `{"text": ...}` or `{"image": src}`,
+where src is an http(s) URL, a data URI or bare base64. Requests written for the
+vLLM or Cohere APIs are accepted where they differ only in spelling:
+`top_k` for `top_n`, `top_n: 0` for "all", OpenAI-style content parts
+(`{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": ...}}`),
+vLLM's `documents: {"content": [parts]}`, and unknown extra fields are ignored.
+The response always has Jina's shape; an echoed document is `{"text": ...}` for a
+text document and `{"image": src}` (the source exactly as given) for an image.
+
+The validators below write their own messages, each naming the offending field
+("documents[3]: ..."), because pydantic's messages for a union of three shapes
+are three errors about shapes the client never meant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+
+class TextInput(BaseModel):
+    """A text query or document."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str
+
+
+class ImageInput(BaseModel):
+    """An image query or document: an http(s) URL, a data URI, or bare base64."""
+
+    model_config = ConfigDict(extra="ignore")
+    image: str
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _check_unicode(text: str, where: str) -> str:
+    # JSON escapes can smuggle in lone surrogates ("\ud800"), which no tokenizer
+    # or UTF-8 encoder accepts; refuse them here rather than fail later.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: text is not valid Unicode ({e.reason} at position {e.start})") from None
+    return text
+
+
+def _parse_input(value: Any, where: str) -> TextInput | ImageInput:
+    """One query or document, in any accepted spelling, as TextInput or ImageInput."""
+    if isinstance(value, (TextInput, ImageInput)):
+        return value
+    if isinstance(value, str):
+        return TextInput(text=_check_unicode(value, where))
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a string, {{'text': ...}} or {{'image': ...}}, got {json_type(value)}")
+    if value.get("type") == "image_url":  # OpenAI/vLLM content part
+        inner = value.get("image_url")
+        url = inner.get("url") if isinstance(inner, dict) else inner
+        if not isinstance(url, str):
+            raise ValueError(f"{where}: 'image_url' must be a string or {{'url': string}}")
+        value = {"image": url}
+    keys = [k for k in ("text", "image") if k in value]
+    if len(keys) != 1:
+        raise ValueError(f"{where}: give exactly one of 'text' or 'image', got keys {sorted(value)[:8]}")
+    key = keys[0]
+    if not isinstance(value[key], str):
+        raise ValueError(f"{where}.{key}: expected a string, got {json_type(value[key])}")
+    if key == "text":
+        return TextInput(text=_check_unicode(value["text"], f"{where}.text"))
+    if not value["image"].strip():
+        raise ValueError(f"{where}.image: is empty")
+    return ImageInput(image=_check_unicode(value["image"], f"{where}.image"))
+
+
+def _parse_query(value: Any) -> TextInput | ImageInput:
+    query = _parse_input(value, "query")
+    if isinstance(query, TextInput) and not query.text.strip():
+        raise ValueError("query: is empty")
+    return query
+
+
+def _parse_documents(value: Any) -> list[TextInput | ImageInput]:
+    if isinstance(value, dict) and isinstance(value.get("content"), list):  # vLLM multimodal form
+        value = value["content"]
+    if not isinstance(value, list):
+        raise ValueError(f"documents: expected an array, got {json_type(value)}")
+    if not value:
+        raise ValueError("documents: is empty; give at least one document")
+    return [_parse_input(doc, f"documents[{i}]") for i, doc in enumerate(value)]
+
+
+def _parse_top_n(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"top_n: expected a non-negative integer, got {value!r}"[:200])
+    return value or None  # vLLM's top_n = 0 means "all"
+
+
+def _parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"return_documents: expected true or false, got {json_type(value)}")
+    return value
+
+
+def _parse_model(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"model: expected a string, got {json_type(value)}")
+    return value
+
+
+Input = Union[str, TextInput, ImageInput]
+
+
+class RerankRequest(BaseModel):
+    """POST /v1/rerank body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str | None, BeforeValidator(_parse_model)] = Field(
+        None, description="Accepted for compatibility and otherwise ignored: the server scores with its one model."
+    )
+    query: Annotated[Input, BeforeValidator(_parse_query)]
+    documents: Annotated[list[Input], BeforeValidator(_parse_documents)] = Field(min_length=1)
+    top_n: Annotated[int | None, BeforeValidator(_parse_top_n)] = Field(
+        None, ge=0, validation_alias=AliasChoices("top_n", "top_k"),
+        description="Return only the best top_n results (all when absent or 0). Alias: top_k.",
+    )
+    return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
+        True, description="Echo each document in its result: {'text': ...} or {'image': src as given}."
+    )
+
+
+class Usage(BaseModel):
+    total_tokens: int = Field(description="Prompt tokens over all (query, document) pairs, image tokens included.")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request's list.")
+    relevance_score: float = Field(description="sigmoid-normalised score in (0, 1); higher is more relevant.")
+    document: TextInput | ImageInput | None = None
+
+
+class RerankResponse(BaseModel):
+    model: str
+    usage: Usage
+    results: list[RerankResult] = Field(description="Best first.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status."""
+
+    detail: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "m0lite"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def _where(loc: tuple) -> str:
+    """('documents', 3, 'text') -> 'documents[3].text'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    """One readable line for a pydantic ValidationError, first `limit` problems."""
+    messages: list[str] = []
+    for err in exc.errors(include_url=False):
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # ours, already names the field
+        elif err["type"] == "missing":
+            msg = f"{_where(err['loc'])}: is required"
+        else:
+            msg = f"{_where(err['loc'])}: {err['msg']}"
+        if msg not in messages:
+            messages.append(msg)
+    extra = len(messages) - limit
+    return "; ".join(messages[:limit]) + (f"; and {extra} more" if extra > 0 else "")
