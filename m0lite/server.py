@@ -436,6 +436,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long to wait for more requests to batch")
     parser.add_argument("--request-timeout", type=pfloat, default=d.request_timeout,
                         help="seconds from arrival to answer; then 504")
+    parser.add_argument("--doc-cache-mb", type=float, default=0,
+                        help="MiB of document keys/values kept to rescore known documents cheaply (0: off)")
+    parser.add_argument("--vision-cache-mb", type=float, default=256, help="MiB of images' visual tokens kept")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -459,7 +462,9 @@ def serve(args: argparse.Namespace) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    reranker = Reranker.from_pretrained(args.model, device=device, dtype=dtype)
+    reranker = Reranker.from_pretrained(args.model, device=device, dtype=dtype,
+                                        doc_cache_bytes=int(args.doc_cache_mb * 2**20),
+                                        vision_cache_bytes=int(args.vision_cache_mb * 2**20))
     log.info("loaded %s on %s in %.1f s", args.model, device, time.perf_counter() - t0)
     app = build_app(reranker, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)

@@ -501,7 +501,8 @@ def real_server(tiny_ckpt, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "m0lite.server", "--model", str(tiny_ckpt), "--port", str(port),
            "--api-key", API_KEY, "--allow-private-urls", "--image-timeout", "1", "--max-body-bytes", str(BODY_CAP),
-           "--dtype", "float32", "--device", "cpu", "--log-level", "warning"]
+           "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
+           "--doc-cache-mb", "16"]  # repeated documents take the cached path; scores must not change
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
