@@ -42,6 +42,7 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from m0lite.errors import InputError  # noqa: E402
+from m0lite.cli import DEMO_DOCUMENTS  # noqa: E402
 from m0lite.server import ServerSettings, build_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,16 +435,7 @@ def test_fuzz_never_500(fuzz_client, body, as_json):
 # --- a real server process with the tiny checkpoint ------------------------
 
 QUERY = "slm markdown"
-TEXTS = [
-    "We present ReaderLM-v2, a compact 1.5 billion parameter language model designed for efficient web content "
-    "extraction. Our model processes documents up to 512K tokens, transforming messy HTML into clean Markdown or "
-    "JSON formats with high accuracy -- making it an ideal tool for grounding large language models.",
-    "数据提取么？为什么不用正则啊，你用正则不就全解决了么？",
-    "During the California Gold Rush, some merchants made more money selling supplies to miners than the miners "
-    "made finding gold.",
-    "Die wichtigsten Beiträge unserer Arbeit sind zweifach: Erstens führen wir eine neuartige dreistufige "
-    "Datensynthese-Pipeline namens Draft-Refine-Critique ein.",
-]
+TEXTS = DEMO_DOCUMENTS  # the model card's texts
 IMAGES = {  # stand-ins for the model card's image URLs, served from 127.0.0.1
     "/handelsblatt-preview.png": png(160, 120, (20, 90, 200)),
     "/paper-11.png": png(90, 128, (240, 240, 240)),
