@@ -45,6 +45,26 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+@dataclass
+class _Prefix:
+    """A document part ("**Document**:\n{doc}\n**Query**:\n") whose keys/values the document cache holds."""
+
+    key: bytes  # digest of its token ids and its image's pixels
+    ids: list[int]
+    positions: torch.Tensor
+    images: list[_Input]
+
+
+@dataclass
+class _Seq:
+    """What one pair runs through the decoder: its whole prompt, or the rest after a cached prefix."""
+
+    ids: list[int]
+    positions: torch.Tensor  # (3, len(ids)) M-RoPE positions, counted from the prompt's start
+    images: list[_Input]  # the images among ids, in order
+    prefix: _Prefix | None = None
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """None picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
     if dtype is None:
@@ -132,24 +152,24 @@ class Reranker:
         if show_progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
-        image_id = self.model.cfg.image_token_id
         for idx in batches:
-            seqs = []  # per pair: (token ids, positions, images, document-prefix key and part or None)
-            for i in idx:
-                p = prompts[i]
-                pos = mrope_positions(p.input_ids, p.grids, image_id, merge)
-                n = p.prefix_len
-                if not n:
-                    seqs.append((p.input_ids, pos, images[i], None))
-                    continue
-                doc_images = images[i][:1] if pairs[i][1].pixels is not None else []
-                key = tensor_key(p.input_ids[:n], *[self._image_key(im) for im in doc_images])
-                seqs.append((p.input_ids[n:], pos[:, n:], images[i][len(doc_images):], (key, p.input_ids[:n], pos[:, :n], doc_images)))
-            past = self._prefixes([s[3] for s in seqs]) if use_doc_cache else None
-            batch = PackedBatch.pack([s[0] for s in seqs], [s[1] for s in seqs], [[im.side.grid for im in s[2]] for s in seqs])
-            for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s[2]]), past).tolist()):
+            seqs = [self._seq(prompts[i], images[i], pairs[i][1].pixels is not None, merge) for i in idx]
+            past = self._prefixes([s.prefix for s in seqs]) if use_doc_cache else None
+            batch = PackedBatch.pack([s.ids for s in seqs], [s.positions for s in seqs], [[im.side.grid for im in s.images] for s in seqs])
+            for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s.images]), past).tolist()):
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
+
+    def _seq(self, prompt, images: list[_Input], doc_is_image: bool, merge: int) -> _Seq:
+        """The whole prompt, or, when its document part can be cached, that part and the rest."""
+        pos = mrope_positions(prompt.input_ids, prompt.grids, self.model.cfg.image_token_id, merge)
+        n = prompt.prefix_len
+        if not n:
+            return _Seq(prompt.input_ids, pos, images)
+        doc_images = images[:1] if doc_is_image else []
+        key = tensor_key(prompt.input_ids[:n], *[self._image_key(im) for im in doc_images])
+        prefix = _Prefix(key, prompt.input_ids[:n], pos[:, :n], doc_images)
+        return _Seq(prompt.input_ids[n:], pos[:, n:], images[len(doc_images):], prefix)
 
     def _image_key(self, im: _Input) -> bytes:
         if im.key is None:
@@ -176,22 +196,22 @@ class Reranker:
                     self.vision_cache.put(im.key, tokens)
         return torch.cat([found[im.key] for im in images])
 
-    def _prefixes(self, parts: list) -> list[torch.Tensor]:
+    def _prefixes(self, prefixes: list[_Prefix | None]) -> list[torch.Tensor]:
         """Keys/values of each pair's document prefix (an empty one where there is none), from the cache
         or computed in one packed pass (each distinct document once)."""
         found = {}
-        for part in parts:
-            if part is not None and part[0] not in found and (hit := self.doc_cache.get(part[0])) is not None:
-                found[part[0]] = hit
-        todo = list({part[0]: part for part in parts if part is not None and part[0] not in found}.values())
+        for p in prefixes:
+            if p is not None and p.key not in found and (hit := self.doc_cache.get(p.key)) is not None:
+                found[p.key] = hit
+        todo = list({p.key: p for p in prefixes if p is not None and p.key not in found}.values())
         if todo:
-            batch = PackedBatch.pack([t[1] for t in todo], [t[2] for t in todo], [[im.side.grid for im in t[3]] for t in todo])
-            for (key, *_), kv in zip(todo, self.model.prefill(batch, self._visual_tokens([im for t in todo for im in t[3]]))):
-                found[key] = kv
-                self.doc_cache.put(key, kv)
+            batch = PackedBatch.pack([p.ids for p in todo], [p.positions for p in todo], [[im.side.grid for im in p.images] for p in todo])
+            for p, kv in zip(todo, self.model.prefill(batch, self._visual_tokens([im for p in todo for im in p.images]))):
+                found[p.key] = kv
+                self.doc_cache.put(p.key, kv)
         cfg = self.model.cfg.text
         empty = torch.empty(cfg.num_hidden_layers, 2, 0, cfg.num_key_value_heads, cfg.head_dim, dtype=self.model.dtype, device=self.model.device)
-        return [found[part[0]] if part is not None else empty for part in parts]
+        return [found[p.key] if p is not None else empty for p in prefixes]
 
     def _batches(self, lengths: list[int], batch_size: int):
         """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone)."""
