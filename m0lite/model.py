@@ -54,6 +54,13 @@ class JinaReranker(nn.Module):
         h = cfg.text.hidden_size
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
 
+    def compile_blocks(self) -> None:
+        """torch.compile each vision block and decoder layer (one graph per block type, dynamic shapes).
+        On CPU it fuses the elementwise work around the matmuls (rotary, norms, activations); it pays
+        where that work is large (the vision tower), at the cost of compiling on the first call."""
+        for block in [*self.visual.blocks, *self.model.layers]:
+            block.forward = torch.compile(block.forward, dynamic=True)
+
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
