@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
-from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.image_utils import load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -35,22 +34,15 @@ class JinaVLForRanking(Qwen2VLForConditionalGeneration):
         return self.score(hidden[:, -1]).squeeze(-1)
 
 
-def load_4x_checkpoint(folder: Path) -> dict:
-    """The published (4.x) tensor names under transformers 5.x's module names."""
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        for k, t in load_file(str(f)).items():
-            state["model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k] = t
-    return state
+# transformers 5.x names Qwen2-VL's modules model.visual.* and model.language_model.*; the published
+# checkpoint (4.x) says visual.* and model.*. This is the mapping SPEC.md states.
+KEY_MAPPING = {r"^visual\.": "model.visual.", r"^model\.(?!visual\.|language_model\.)": "model.language_model."}
 
 
 class Reference:
     def __init__(self, folder: str | Path, dtype=torch.float32, min_pixels=3136, max_pixels=602112):
-        config = Qwen2VLConfig.from_pretrained(str(folder))
-        config._attn_implementation = "sdpa"
-        self.model = JinaVLForRanking(config).to(dtype).eval()
-        self.model.load_state_dict(load_4x_checkpoint(Path(folder)), strict=False, assign=True)
-        self.model.to(dtype)
+        self.model = JinaVLForRanking.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa",
+                                                      key_mapping=KEY_MAPPING).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.tokenizer.padding_side = "left"
         self.image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
