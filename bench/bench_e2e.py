@@ -200,6 +200,8 @@ def run_worker(side: str, workload: str, args, folder: Path) -> dict:
            "--retries", str(args.retries), "--max-others", str(args.max_others)]
     if args.quick:
         cmd.append("--quick")
+    if args.compile and side == "m0lite":
+        cmd.append("--compile")
     if args.profile and side == "m0lite":
         args.out_dir.mkdir(parents=True, exist_ok=True)
         cmd += ["--profile", str(args.out_dir / f"profile_{args.stamp}_{args.mode}_{workload}_m0lite.txt")]
@@ -345,6 +347,7 @@ def main() -> None:
                     help="before each side, wait up to this many seconds for other processes to leave the CPUs idle")
     ap.add_argument("--side-attempts", type=int, default=3,
                     help="start a side again (in all up to this many times) when contention spoiled its runs or load")
+    ap.add_argument("--compile", action="store_true", help="m0lite side with compile=True (torch.compile of the blocks)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides (default: all cores)")
     ap.add_argument("--ckpt", type=Path, default=None, help="use this checkpoint folder instead of the cached random one")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of one m0lite run per workload")

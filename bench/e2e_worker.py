@@ -124,13 +124,14 @@ def vm_status(field: str) -> int:
     return 0
 
 
-def load_side(side: str, folder: Path, dtype):
+def load_side(side: str, folder: Path, dtype, compile: bool = False):
     """-> score(pairs, query_type, doc_type) returning normalised scores, and a description."""
     if side == "m0lite":
         from m0lite import Reranker
 
-        rr = Reranker.from_pretrained(folder, dtype=dtype)
-        return (lambda pairs, qt, dt: rr.compute_score(pairs, query_type=qt, doc_type=dt)), "m0lite compute_score (defaults)"
+        rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile)
+        desc = "m0lite compute_score (defaults" + (", compile=True)" if compile else ")")
+        return (lambda pairs, qt, dt: rr.compute_score(pairs, query_type=qt, doc_type=dt)), desc
 
     import torch
     import transformers
@@ -163,6 +164,7 @@ def load_side(side: str, folder: Path, dtype):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", required=True, choices=["m0lite", "ref8", "ref1"])
+    ap.add_argument("--compile", action="store_true", help="m0lite side: compile=True (the warm-up absorbs the compile)")
     ap.add_argument("--ckpt", required=True, type=Path)
     ap.add_argument("--workload", required=True, choices=list(WORKLOADS))
     ap.add_argument("--dtype", required=True, choices=["bf16", "fp32"])
@@ -196,7 +198,7 @@ def main() -> None:
     rss_before_load = vm_status("VmRSS")  # interpreter, torch, tokenizers, PIL and the inputs
     busy0, own0 = busy_cpu_s()
     t0 = time.perf_counter()
-    score, desc = load_side(args.side, args.ckpt, dtype)
+    score, desc = load_side(args.side, args.ckpt, dtype, args.compile)
     t_weights = time.perf_counter()
     score([WARM_PAIR], "text", "text")
     t_first = time.perf_counter()
