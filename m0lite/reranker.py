@@ -91,12 +91,13 @@ def resolve_device(device) -> torch.device:
 class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
-                 vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0):
+                 max_vision_patches: int = 4096, vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
+        self.max_vision_patches = max_vision_patches  # patches per vision-tower pass
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
 
@@ -191,15 +192,29 @@ class Reranker:
             if key not in found and (hit := self.vision_cache.get(key) if self.vision_cache else None) is not None:
                 found[key] = hit
         todo = list({self._image_key(im): im for im in images if self._image_key(im) not in found}.values())
-        if todo:
-            dev = self.model.device
-            out = self.model.visual(torch.cat([im.pixels for im in todo]).to(dev), [im.side.grid for im in todo])
-            merge = self.model.cfg.vision.spatial_merge_size ** 2
-            for im, tokens in zip(todo, out.split([t * h * w // merge for t, h, w in (im.side.grid for im in todo)])):
+        merge = self.model.cfg.vision.spatial_merge_size ** 2
+        for group in self._vision_groups(todo):
+            out = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
+            for im, tokens in zip(group, out.split([t * h * w // merge for t, h, w in (im.side.grid for im in group)])):
                 found[im.key] = tokens
                 if self.vision_cache is not None:
                     self.vision_cache.put(im.key, tokens)
         return torch.cat([found[im.key] for im in images])
+
+    def _vision_groups(self, images: list[_Input]):
+        """Images packed up to max_vision_patches per tower pass (a larger image goes alone): each image
+        attends only to itself, so grouping changes no result, and on CPU smaller passes keep the
+        (patches, 5120) activations in cache."""
+        group, patches = [], 0
+        for im in images:
+            n = im.pixels.shape[0]
+            if group and patches + n > self.max_vision_patches:
+                yield group
+                group, patches = [], 0
+            group.append(im)
+            patches += n
+        if group:
+            yield group
 
     def _prefixes(self, prefixes: list[_Prefix | None]) -> list[torch.Tensor]:
         """Keys/values of each pair's document prefix (an empty one where there is none), from the cache
@@ -219,7 +234,9 @@ class Reranker:
         return [found[p.key] if p is not None else empty for p in prefixes]
 
     def _batches(self, lengths: list[int], batch_size: int):
-        """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone)."""
+        """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone).
+        Every pass reads all the weights once, so few large passes beat many small ones (most of all when
+        cached documents leave only the queries' tokens to run)."""
         cur, tokens = [], 0
         for i, n in enumerate(lengths):
             if cur and (len(cur) == batch_size or tokens + n > self.max_batch_tokens):
@@ -261,7 +278,7 @@ class Reranker:
         return scores[0] if single else scores
 
     def score_pairs(self, pairs, normalize: bool = True, *, max_length: int = 10240, max_query_length: int = 512,
-                    batch_size: int = 8) -> tuple[list[float], list[int]]:
+                    batch_size: int = 32) -> tuple[list[float], list[int]]:
         """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
         image (str = text; PIL image, {"text": ...} or {"image": ...}). For servers batching many requests."""
         max_doc_length = max(max_length - max_query_length, max_query_length)
@@ -271,7 +288,7 @@ class Reranker:
         return ([self.normalize(s) for s in raw] if normalize else raw), lengths
 
     def rank(self, query, documents, top_n: int | None = None, return_documents: bool = False, *,
-             batch_size: int = 8, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False) -> list[dict]:
+             batch_size: int = 32, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False) -> list[dict]:
         """Documents (text and images mixed) ranked for a text or image query, best first:
         [{"index": i, "relevance_score": s, ("document": d)}]."""
         if not isinstance(documents, (list, tuple)) or not documents:

@@ -89,6 +89,12 @@ def test_images_of_different_sizes_in_one_batch(tiny_reranker, images):
     together = tiny_reranker.compute_score(pairs, doc_type="image", batch_size=8, normalize_scores=False)
     alone = [tiny_reranker.compute_score(p, doc_type="image", normalize_scores=False) for p in pairs]
     assert together == pytest.approx(alone, abs=1e-5)
+    saved, tiny_reranker.max_vision_patches = tiny_reranker.max_vision_patches, 1  # one image per tower pass
+    try:
+        one_by_one = tiny_reranker.compute_score(pairs, doc_type="image", batch_size=8, normalize_scores=False)
+    finally:
+        tiny_reranker.max_vision_patches = saved
+    assert one_by_one == pytest.approx(alone, abs=1e-5)
 
 
 def test_image_sources_are_equivalent(tiny_reranker, images, tmp_path):
