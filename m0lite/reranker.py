@@ -65,6 +65,20 @@ class _Seq:
     prefix: _Prefix | None = None
 
 
+def pack_greedy(sizes: list[int], max_items: int, max_total: int):
+    """Consecutive indices in groups of at most max_items and a total size of at most max_total
+    (an item larger than max_total goes alone)."""
+    group, total = [], 0
+    for i, n in enumerate(sizes):
+        if group and (len(group) == max_items or total + n > max_total):
+            yield group
+            group, total = [], 0
+        group.append(i)
+        total += n
+    if group:
+        yield group
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """None picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
     if dtype is None:
@@ -154,7 +168,9 @@ class Reranker:
                                 merge=merge, split_prefix=use_doc_cache) for q, d in pairs]
         images = [[i for i in (d, q) if i.pixels is not None] for q, d in pairs]  # document first, as in the prompt
         scores: list[float] = [math.nan] * len(pairs)
-        batches = list(self._batches([len(p.input_ids) for p in prompts], batch_size))
+        # Every pass reads all the weights once, so few large passes beat many small ones (most of all
+        # when cached documents leave only the queries' tokens to run).
+        batches = list(pack_greedy([len(p.input_ids) for p in prompts], batch_size, self.max_batch_tokens))
         if show_progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
@@ -205,16 +221,8 @@ class Reranker:
         """Images packed up to max_vision_patches per tower pass (a larger image goes alone): each image
         attends only to itself, so grouping changes no result, and on CPU smaller passes keep the
         (patches, 5120) activations in cache."""
-        group, patches = [], 0
-        for im in images:
-            n = im.pixels.shape[0]
-            if group and patches + n > self.max_vision_patches:
-                yield group
-                group, patches = [], 0
-            group.append(im)
-            patches += n
-        if group:
-            yield group
+        for idx in pack_greedy([im.pixels.shape[0] for im in images], len(images), self.max_vision_patches):
+            yield [images[i] for i in idx]
 
     def _prefixes(self, prefixes: list[_Prefix | None]) -> list[torch.Tensor]:
         """Keys/values of each pair's document prefix (an empty one where there is none), from the cache
@@ -232,20 +240,6 @@ class Reranker:
         cfg = self.model.cfg.text
         empty = torch.empty(cfg.num_hidden_layers, 2, 0, cfg.num_key_value_heads, cfg.head_dim, dtype=self.model.dtype, device=self.model.device)
         return [found[p.key] if p is not None else empty for p in prefixes]
-
-    def _batches(self, lengths: list[int], batch_size: int):
-        """Consecutive pairs, at most batch_size per batch and max_batch_tokens tokens (a longer pair goes alone).
-        Every pass reads all the weights once, so few large passes beat many small ones (most of all when
-        cached documents leave only the queries' tokens to run)."""
-        cur, tokens = [], 0
-        for i, n in enumerate(lengths):
-            if cur and (len(cur) == batch_size or tokens + n > self.max_batch_tokens):
-                yield cur
-                cur, tokens = [], 0
-            cur.append(i)
-            tokens += n
-        if cur:
-            yield cur
 
     @staticmethod
     def normalize(raw: float) -> float:
