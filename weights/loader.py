@@ -36,10 +36,11 @@ def checkpoint_shape(name: str, shape: torch.Size, cfg: ModelConfig) -> tuple[in
     return tuple(shape)
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_tensors(cfg: ModelConfig, model: JinaReranker | None = None) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape, derived from the modules themselves (their names are the keys)."""
-    with torch.device("meta"):
-        model = JinaReranker(cfg)
+    if model is None:
+        with torch.device("meta"):
+            model = JinaReranker(cfg)
     return {n: checkpoint_shape(n, p.shape, cfg) for n, p in model.state_dict().items()}
 
 
@@ -74,7 +75,9 @@ def read_checkpoint(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
 def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> JinaReranker:
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
-    expected = expected_tensors(cfg)
+    with torch.device("meta"):
+        model = JinaReranker(cfg)  # no memory: every parameter is assigned from the file below
+    expected = expected_tensors(cfg, model)
     files = read_checkpoint(folder)
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
@@ -92,8 +95,6 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
         state[name] = t.to(device=device, dtype=dtype)  # a no-op (the mmap view itself) when nothing changes
     state["visual.patch_embed.proj.weight"] = state["visual.patch_embed.proj.weight"].flatten(1)
 
-    with torch.device("meta"):
-        model = JinaReranker(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
