@@ -440,7 +440,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MiB of document keys/values kept to rescore known documents cheaply (0: off)")
     parser.add_argument("--vision-cache-mb", type=float, default=256, help="MiB of images' visual tokens kept")
     parser.add_argument("--compile", action="store_true",
-                        help="CPU: torch.compile the blocks (about 1.3x on images; the first request compiles)")
+                        help="CPU: torch.compile the blocks (about 1.15-1.3x on images; the first request compiles)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
