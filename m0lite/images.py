@@ -519,7 +519,7 @@ def preprocess(
     return values.reshape(gh * gw, PATCH_DIM), (1, gh, gw)
 
 
-def num_visual_tokens(grid_thw: tuple[int, int, int]) -> int:
-    """Number of `<|image_pad|>` tokens for one image: one per 2x2 merged patches."""
+def num_visual_tokens(grid_thw: tuple[int, int, int], merge: int = MERGE_SIZE) -> int:
+    """Number of `<|image_pad|>` tokens for one image: one per merge x merge patches."""
     t, h, w = grid_thw
-    return t * h * w // (MERGE_SIZE * MERGE_SIZE)
+    return t * h * w // (merge * merge)

@@ -29,11 +29,9 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32 sequence boundaries
     max_seqlen: int
     grids: list[tuple[int, int, int]]  # (t, h, w) patch grid of each image
-    pixel_values: torch.Tensor | None = None  # (patches, 1176) of all images, or None
 
     @classmethod
-    def pack(cls, ids: list[list[int]], positions: list[torch.Tensor], grids: list[list[tuple[int, int, int]]],
-             pixel_values: torch.Tensor | None = None) -> "PackedBatch":
+    def pack(cls, ids: list[list[int]], positions: list[torch.Tensor], grids: list[list[tuple[int, int, int]]]) -> "PackedBatch":
         lengths = [len(p) for p in ids]
         return cls(
             input_ids=torch.tensor([i for p in ids for i in p], dtype=torch.long),
@@ -41,7 +39,6 @@ class PackedBatch:
             cu_seqlens=F.pad(torch.tensor(lengths).cumsum(0, dtype=torch.int32), (1, 0)),
             max_seqlen=max(lengths),
             grids=[g for gs in grids for g in gs],
-            pixel_values=pixel_values,
         )
 
 
@@ -75,11 +72,10 @@ class JinaReranker(nn.Module):
         input_ids = batch.input_ids.to(dev)
         h = self.model.embed_tokens(input_ids)
         if batch.grids:
-            if image_embeds is None:
-                image_embeds = self.visual(batch.pixel_values.to(dev), batch.grids)
             slots = input_ids == cfg.image_token_id
-            if int(slots.sum()) != image_embeds.shape[0]:
-                raise ValueError(f"{int(slots.sum())} image tokens but {image_embeds.shape[0]} visual tokens")
+            n = 0 if image_embeds is None else image_embeds.shape[0]
+            if int(slots.sum()) != n:
+                raise ValueError(f"{int(slots.sum())} image tokens but {n} visual tokens")
             h[slots] = image_embeds.to(h.dtype)
         freqs = inv_freq(cfg.text.head_dim, cfg.text.rope_theta).to(dev)
         cos, sin = mrope_cos_sin(batch.positions, freqs, cfg.text.mrope_section, h.dtype)
@@ -87,8 +83,8 @@ class JinaReranker(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden): the images' tokens,
-        else batch.pixel_values are encoded. `past`: per sequence, keys/values of a prefix it continues."""
+        """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden): the tokens of the batch's
+        images, in order (see `VisionTower`). `past`: per sequence, keys/values of a prefix it continues."""
         last = self.model(*self._inputs(batch, image_embeds), past=past)
         return self.score(last).squeeze(-1).float()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import InputError, WeightsError
+from .images import num_visual_tokens
 
 SCORE_TOKEN_ID = 100
 IMAGE_PAD = "<|image_pad|>"
@@ -40,9 +41,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         # transformers' decode keeps special tokens by default; the tokenizers library skips them unless told.
@@ -82,8 +80,7 @@ def expand_images(ids: list[int], grids: list[tuple[int, int, int]], image_pad_i
     expanded, it = [], iter(grids)
     for i in ids:
         if i == image_pad_id:
-            t, h, w = next(it)
-            expanded.extend([i] * (t * h * w // merge**2))
+            expanded.extend([i] * num_visual_tokens(next(it), merge))
         else:
             expanded.append(i)
     return expanded
@@ -107,7 +104,7 @@ def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max
             prefix_len = len(prefix)
     if len(expanded) > max_length - 1:
         expanded = expanded[: max_length - 1]
-        n_image = sum(t * h * w // merge**2 for t, h, w in grids)
+        n_image = sum(num_visual_tokens(g, merge) for g in grids)
         if sum(i == tok.image_pad_id for i in expanded) != n_image:
             raise InputError(
                 f"max_length={max_length} cuts into an image's {n_image} visual tokens; raise max_length "

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .images import load_image, preprocess
+from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
 from .cache import TensorLRU, tensor_key
 from .model import JinaReranker, PackedBatch
 from .prompt import Side, Tokenizer, build_prompt, check_text
 from .rope import mrope_positions
 
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
-MIN_PIXELS, MAX_PIXELS = 3136, 602112  # the reranker's processor settings: 4..768 visual tokens per image
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -208,10 +207,10 @@ class Reranker:
             if key not in found and (hit := self.vision_cache.get(key) if self.vision_cache else None) is not None:
                 found[key] = hit
         todo = list({self._image_key(im): im for im in images if self._image_key(im) not in found}.values())
-        merge = self.model.cfg.vision.spatial_merge_size ** 2
+        merge = self.model.cfg.vision.spatial_merge_size
         for group in self._vision_groups(todo):
             out = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
-            for im, tokens in zip(group, out.split([t * h * w // merge for t, h, w in (im.side.grid for im in group)])):
+            for im, tokens in zip(group, out.split([num_visual_tokens(im.side.grid, merge) for im in group])):
                 found[im.key] = tokens
                 if self.vision_cache is not None:
                     self.vision_cache.put(im.key, tokens)

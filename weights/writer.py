@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from m0lite import images
 from m0lite.config import ModelConfig, TextConfig, VisionConfig
 
 from .loader import expected_tensors
@@ -30,14 +31,14 @@ TINY_CONFIG = ModelConfig(
 # The real Qwen2-VL-2B dimensions (the defaults), for benchmarks.
 FULL_CONFIG = ModelConfig()
 
-PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136,
+PREPROCESSOR_CONFIG = {  # Qwen2-VL's; the reranker overrides the pixel bounds (m0lite/images.py)
+    "min_pixels": images.MIN_PIXELS,
     "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": images.PATCH_SIZE,
+    "temporal_patch_size": images.TEMPORAL_PATCH_SIZE,
+    "merge_size": images.MERGE_SIZE,
+    "image_mean": list(images.IMAGE_MEAN),
+    "image_std": list(images.IMAGE_STD),
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
@@ -46,7 +47,7 @@ PREPROCESSOR_CONFIG = {
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Values of realistic scale: norm weights near 1, biases and matrices small, so activations
     neither vanish nor explode through the layers."""
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("ln_q.weight") or ".norm" in name and name.endswith(".weight") and len(shape) == 1:
+    if len(shape) == 1 and name.endswith(".weight"):  # the RMSNorm and LayerNorm scales (all else 1-D is a bias)
         t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
     elif len(shape) == 1:
         t = 0.02 * torch.randn(shape, generator=gen)
