@@ -21,6 +21,7 @@ from torch import nn
 import kernels
 
 from .config import TextConfig
+from .linear import Linear, rowwise
 from .rope import apply_rotary
 
 
@@ -67,10 +68,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def kv(self, x, cos, sin):
         T = x.shape[0]
@@ -78,31 +79,34 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         return apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None):
-        """`past`: per sequence (k, v) to attend to before its tokens; `keep`: a list to append this
-        layer's (k, v) to."""
+    def project(self, x, cos, sin):
+        """Rotated queries (T, nh, hd) and keys (T, nkv, hd), and values (T, nkv, hd), of rows x."""
         T = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # (T, nh, hd)
-        k, v = self.kv(x, cos, sin)
+        return (apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin), *self.kv(x, cos, sin))
+
+    def forward(self, q, k, v, cu_seqlens, max_seqlen, past=None, keep=None):
+        """Attention of each packed sequence, (T, nh * hd), before o_proj. `past`: per sequence (k, v) to
+        attend to before its tokens; `keep`: a list to append this layer's (k, v) to."""
         if keep is not None:
             keep.append((k, v))
         if past is None:
             out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
         else:
             out = attention_with_past(q, k, v, cu_seqlens, past)
-        return self.o_proj(out.reshape(T, -1))
+        return out.flatten(1)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        g = self.gate_proj(x)  # in place below: the (tokens, intermediate) activations are the largest tensors
-        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
+    def forward(self, x, residual):
+        """residual + down(silu(gate(x)) * up(x)), each step fused into its matmul where the weights are
+        packed (see linear.py), in place on the (tokens, intermediate) activations otherwise."""
+        return self.down_proj.add(self.up_proj.mul(x, self.gate_proj.silu(x)), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -115,12 +119,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None, rows=None):
         """`rows`: compute the output only for these token rows (the last layer needs only each
-        sequence's last token; attention still reads every token)."""
-        a = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seqlen, past, keep)
+        sequence's last token; attention still reads every token). Everything but attention is
+        row-wise and runs through `rowwise` (chunks on CPU)."""
+        a = self.self_attn(*rowwise(self._qkv, h, cos, sin), cu_seqlens, max_seqlen, past, keep)
         if rows is not None:
             a, h = a[rows], h[rows]
-        x, h = self.post_attention_layernorm(a, residual=h)  # h += a, then norm, in one pass
-        return h + self.mlp(x)
+        return rowwise(self._out, a, h)
+
+    def _qkv(self, h, cos, sin):
+        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+
+    def _out(self, a, h):
+        """h + o_proj(a), then the MLP block with its residual."""
+        x, h = self.post_attention_layernorm(self.self_attn.o_proj(a), residual=h)  # h += o, then norm, in one pass
+        return self.mlp(x, residual=h)
 
 
 class Decoder(nn.Module):

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import torch
 
+from .cache import TensorLRU, tensor_key
 from .errors import InputError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
-from .cache import TensorLRU, tensor_key
+from .linear import pack_linears, packable
 from .model import JinaReranker, PackedBatch
 from .prompt import Side, Tokenizer, build_prompt, check_text
 from .rope import mrope_positions
 
+# Packing the decoder's weights takes about 0.5 s at full size and makes its passes about 1.2x faster,
+# so it waits for a pass of at least this many tokens (a one-pair call would not win it back).
+PACK_AFTER_ROWS = 512
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -104,15 +108,26 @@ def resolve_device(device) -> torch.device:
 class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
-                 max_vision_patches: int = 4096, vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0):
+                 max_vision_patches: int = 4096, vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0,
+                 pack_weights: bool | None = None):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
-        cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16)."""
+        cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
+        pack_weights: lay the weights out for oneDNN (bf16 on CPU, see linear.py): None packs each tower
+        on its first pass of at least PACK_AFTER_ROWS rows, True at once, False never."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
         self.max_vision_patches = max_vision_patches  # patches per vision-tower pass
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
+        can_pack = packable(model.device, model.dtype)
+        if pack_weights and not can_pack:
+            raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {model.dtype} on {model.device}")
+        self._pack_after_rows = None if not can_pack or pack_weights is False else 0 if pack_weights else PACK_AFTER_ROWS
+        self._unpacked = [model.model, model.visual]
+        if pack_weights:
+            self._maybe_pack(model.model, 0)
+            self._maybe_pack(model.visual, 0)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False, **kwargs) -> "Reranker":
@@ -127,8 +142,18 @@ class Reranker:
         folder = resolve(name_or_path)
         model = load_model(folder, resolve_dtype(dtype, dev), dev)
         if compile:
+            # Compiled graphs fuse the elementwise work themselves and cannot take packed (opaque) weights.
+            if kwargs.get("pack_weights"):
+                raise InputError("compile=True and pack_weights=True do not go together; choose one")
+            kwargs["pack_weights"] = False
             model.compile_blocks()
         return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
+
+    def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
+        """Pack a tower's weights before a pass of `rows` rows, if that pass is large enough to pay for it."""
+        if self._pack_after_rows is not None and rows >= self._pack_after_rows and tower in self._unpacked:
+            pack_linears(tower)
+            self._unpacked.remove(tower)
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -177,6 +202,7 @@ class Reranker:
             seqs = [self._seq(prompts[i], images[i], pairs[i][1].pixels is not None, merge) for i in idx]
             past = self._prefixes([s.prefix for s in seqs]) if use_doc_cache else None
             batch = PackedBatch.pack([s.ids for s in seqs], [s.positions for s in seqs], [[im.side.grid for im in s.images] for s in seqs])
+            self._maybe_pack(self.model.model, batch.input_ids.numel())
             for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s.images]), past).tolist()):
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
@@ -209,6 +235,7 @@ class Reranker:
         todo = list({self._image_key(im): im for im in images if self._image_key(im) not in found}.values())
         merge = self.model.cfg.vision.spatial_merge_size
         for group in self._vision_groups(todo):
+            self._maybe_pack(self.model.visual, sum(im.pixels.shape[0] for im in group))
             out = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
             for im, tokens in zip(group, out.split([num_visual_tokens(im.side.grid, merge) for im in group])):
                 found[im.key] = tokens
@@ -233,6 +260,7 @@ class Reranker:
         todo = list({p.key: p for p in prefixes if p is not None and p.key not in found}.values())
         if todo:
             batch = PackedBatch.pack([p.ids for p in todo], [p.positions for p in todo], [[im.side.grid for im in p.images] for p in todo])
+            self._maybe_pack(self.model.model, batch.input_ids.numel())
             for p, kv in zip(todo, self.model.prefill(batch, self._visual_tokens([im for p in todo for im in p.images]))):
                 found[p.key] = kv
                 self.doc_cache.put(p.key, kv)

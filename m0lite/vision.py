@@ -17,6 +17,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
+from .linear import Linear, rowwise
 from .rope import apply_rotary, inv_freq, vision_cos_sin, vision_positions
 
 
@@ -25,7 +26,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         # The checkpoint stores a bias-free Conv3d with kernel = stride = (2, 14, 14); over one patch
         # that is a matmul over its 1176 values, so the loader reshapes the weight to (embed, 1176).
-        self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
+        self.proj = Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
 
     def forward(self, x):
         return self.proj(x)
@@ -35,29 +36,34 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
+        self.qkv = Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
+        self.proj = Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def project(self, x, cos, sin):
+        """Rotated queries and keys, and values, of rows x: 3 x (P, nh, hd)."""
         P = x.shape[0]
-        q, k, v = self.qkv(x).view(P, 3, self.n_heads, self.head_dim).unbind(1)  # 3 x (P, nh, hd)
+        q, k, v = self.qkv(x).view(P, 3, self.n_heads, self.head_dim).unbind(1)
         # The reference rotates in fp32 whatever the model dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = kernels.attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=False)
-        return self.proj(out.reshape(P, -1))
+        return q, k, v
+
+    def forward(self, q, k, v, cu_seqlens, max_seqlen):
+        """Attention within each image, (P, nh * hd), before proj."""
+        return kernels.attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=False).flatten(1)
 
 
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        self.fc1 = Linear(cfg.embed_dim, hidden)
+        self.fc2 = Linear(hidden, cfg.embed_dim)
 
-    def forward(self, x):
+    def forward(self, x, residual):
+        """residual + fc2(quick_gelu(fc1(x)))"""
         x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
+        return self.fc2.add(x * torch.sigmoid(1.702 * x), residual)
 
 
 class VisionBlock(nn.Module):
@@ -69,8 +75,17 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        """Everything but attention is row-wise and runs through `rowwise` (chunks on CPU)."""
+        a = self.attn(*rowwise(self._qkv, x, cos, sin), cu_seqlens, max_seqlen)
+        return rowwise(self._out, a, x)
+
+    def _qkv(self, x, cos, sin):
+        return self.attn.project(self.norm1(x), cos, sin)
+
+    def _out(self, a, x):
+        """x + proj(a), then the MLP block with its residual."""
+        x = self.attn.proj.add(a, x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class PatchMerger(nn.Module):
@@ -78,7 +93,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.window = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.window, self.window), nn.GELU(), nn.Linear(self.window, cfg.hidden_size))
+        self.mlp = nn.Sequential(Linear(self.window, self.window), nn.GELU(), Linear(self.window, cfg.hidden_size))
 
     def forward(self, x):
         return self.mlp(self.ln_q(x).view(-1, self.window))  # (P/4, 4*embed) -> (P/4, hidden)
