@@ -272,12 +272,13 @@ def report(workload: str, results: dict[str, dict], cfg: dict, args) -> tuple[li
             "loadavg_before": r["loadavg_before"], "loadavg_after": r["loadavg_after"],
             "max_abs_diff_vs_m0lite": diff if diff is not None else "",
             "all_runs": ";".join(f"v{x['variant']}:{x['time_s']:.4f}s/{x['cpu_s']:.2f}cpu/{x['others']:.2f}others" for x in r["runs"]),
-            "description": r["description"],
+            "description": r["description"], "packed_weights": r.get("packed_weights", ""),
         }
         contended |= others > args.max_others or r["load_others"] > args.max_others
         rows.append(row)
         lat = f"{med:.3f}s [{row['lat_p20_s']:.3f}..{row['lat_p80_s']:.3f}] ({min(ts):.3f}..{max(ts):.3f})"
-        pad = f"{row['processed_tokens']}" if side != "m0lite" else f"{tokens or ''} (packed)"
+        pad = (f"{row['processed_tokens']}" if side != "m0lite"
+               else f"{tokens or ''} (no padding; packed weights: {r.get('packed_weights') or 'none'})")
         tok_s = f"{tokens / med:.0f}" if tokens else "?"
         gflop_s = f"{work / med / 1e9:.1f}" if work else "?"
         print(f"{side:7} {lat:44} {cpu:6.2f} {row['pairs_per_s']:8.3f} {tok_s:>7} {gflop_s:>8} {gib(r['peak_rss_bytes']):>10} "
@@ -338,7 +339,9 @@ def main() -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma list of m0lite, ref8, ref1")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median and spread reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of the workload before timing")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed runs of the workload before timing (two: m0lite packs its weights after "
+                         "4,096 tokens or patches of work, which one run of text8 or image2 does not reach)")
     ap.add_argument("--retries", type=int, default=None,
                     help="extra timed runs allowed per side to replace runs contended by other processes (default: repeats)")
     ap.add_argument("--max-others", type=float, default=0.10,

@@ -131,7 +131,12 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
 
         rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile)
         desc = "m0lite compute_score (defaults" + (", compile=True)" if compile else ")")
-        return (lambda pairs, qt, dt: rr.compute_score(pairs, query_type=qt, doc_type=dt)), desc
+
+        def score(pairs, qt, dt):
+            return rr.compute_score(pairs, query_type=qt, doc_type=dt)
+
+        score.packed = lambda: rr.packed  # towers on packed weights (they pack after some work)
+        return score, desc
 
     import torch
     import transformers
@@ -211,6 +216,8 @@ def main() -> None:
         t = time.perf_counter()
         score(*(first if i == 0 else workload(i)))
         log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.2f}s")
+    if hasattr(score, "packed"):
+        log(f"weights packed for the timed runs: {', '.join(score.packed()) or 'none'}")
 
     # Timed runs. Other processes may share these cores: a run during which they took more than
     # `--max-others` of the machine's CPU time is kept in the record but not in the statistics,
@@ -254,6 +261,7 @@ def main() -> None:
         "rss_anon_end_bytes": vm_status("RssAnon"), "rss_file_end_bytes": vm_status("RssFile"),
         "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
+        "packed_weights": ",".join(score.packed()) if hasattr(score, "packed") else "",
     }), flush=True)
 
 

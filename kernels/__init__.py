@@ -6,11 +6,27 @@ the twin otherwise. M0LITE_KERNELS=triton|torch forces a choice (read at call
 time); with TRITON_INTERPRET=1 set before import, Triton also runs on CPU tensors.
 """
 
+import importlib
 import os
 
-from .attention import attention_triton
 from .reference import attention_torch, rms_norm_torch
-from .rms_norm import rms_norm_triton
+
+# The Triton kernels load on first use: importing triton takes ~0.15 s, which a CPU-only process
+# (running the torch twins) should not pay at start-up.
+_TRITON = {"attention_triton": ".triton_attention", "rms_norm_triton": ".triton_rms_norm"}
+
+
+def __getattr__(name):
+    if name in _TRITON:
+        fn = getattr(importlib.import_module(_TRITON[name], __name__), name)
+        globals()[name] = fn  # later lookups find it without coming here
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _triton(name):
+    return globals().get(name) or __getattr__(name)
+
 
 __all__ = ["rms_norm", "attention", "rms_norm_torch", "attention_torch", "rms_norm_triton", "attention_triton"]
 
@@ -26,11 +42,11 @@ def _use_triton(x):
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm over the last dim; with `residual`, returns (norm(x + residual), x + residual)."""
-    fn = rms_norm_triton if _use_triton(x) else rms_norm_torch
+    fn = _triton("rms_norm_triton") if _use_triton(x) else rms_norm_torch
     return fn(x, weight, eps, residual)
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
     """Attention over packed sequences: q (total, n_heads, d), k, v (total, n_kv_heads, d)."""
-    fn = attention_triton if _use_triton(q) else attention_torch
+    fn = _triton("attention_triton") if _use_triton(q) else attention_torch
     return fn(q, k, v, cu_seqlens, max_seqlen, causal, scale)

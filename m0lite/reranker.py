@@ -22,9 +22,12 @@ from .model import JinaReranker, PackedBatch
 from .prompt import Side, Tokenizer, build_prompt, check_text
 from .rope import mrope_positions
 
-# Packing the decoder's weights takes about 0.5 s at full size and makes its passes about 1.2x faster,
-# so it waits for a pass of at least this many tokens (a one-pair call would not win it back).
-PACK_AFTER_ROWS = 512
+# Packing a tower's weights (linear.py) costs about 1 s once at full size (the decoder: 0.9 s to lay out
+# 2.6 GB, then new oneDNN kernels on the first pass) and makes each later pass about 1.2x faster, which
+# wins the second back after some 3,000 tokens. So, as one rents skis until the rent would have bought
+# them, a tower is packed once it has run this many rows (tokens or patches) in all: a short-lived
+# process scoring a few pairs never pays for it, a server pays it once.
+PACK_AFTER_ROWS = 4096
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -113,7 +116,7 @@ class Reranker:
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
         pack_weights: lay the weights out for oneDNN (bf16 on CPU, see linear.py): None packs each tower
-        on its first pass of at least PACK_AFTER_ROWS rows, True at once, False never."""
+        once it has run PACK_AFTER_ROWS rows, True at once, False never."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
@@ -124,7 +127,7 @@ class Reranker:
         if pack_weights and not can_pack:
             raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {model.dtype} on {model.device}")
         self._pack_after_rows = None if not can_pack or pack_weights is False else 0 if pack_weights else PACK_AFTER_ROWS
-        self._unpacked = [model.model, model.visual]
+        self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet packed, the rows it has run
         if pack_weights:
             self._maybe_pack(model.model, 0)
             self._maybe_pack(model.visual, 0)
@@ -149,11 +152,21 @@ class Reranker:
             model.compile_blocks()
         return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
 
+    @property
+    def packed(self) -> list[str]:
+        """Which towers ("decoder", "vision") run on packed weights so far (see pack_weights)."""
+        towers = {"decoder": self.model.model, "vision": self.model.visual}
+        return [name for name, t in towers.items() if self._pack_after_rows is not None and t not in self._rows_run]
+
     def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
-        """Pack a tower's weights before a pass of `rows` rows, if that pass is large enough to pay for it."""
-        if self._pack_after_rows is not None and rows >= self._pack_after_rows and tower in self._unpacked:
+        """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see
+        PACK_AFTER_ROWS)."""
+        if self._pack_after_rows is None or tower not in self._rows_run:
+            return
+        self._rows_run[tower] += rows
+        if self._rows_run[tower] >= self._pack_after_rows:
             pack_linears(tower)
-            self._unpacked.remove(tower)
+            del self._rows_run[tower]
 
     # ---- inputs -------------------------------------------------------------------------------
 

@@ -264,8 +264,8 @@ def test_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    attention_module = importlib.import_module("kernels.attention")
-    rms_module = importlib.import_module("kernels.rms_norm")
+    attention_module = importlib.import_module("kernels.triton_attention")
+    rms_module = importlib.import_module("kernels.triton_rms_norm")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
 
@@ -369,7 +369,7 @@ def test_dispatch_forced_triton_runs_kernels(run_check):
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    attention_module = importlib.import_module("kernels.attention")
+    attention_module = importlib.import_module("kernels.triton_attention")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("M0LITE_KERNELS", "triton")

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .rms_norm import check_device
+from .triton_rms_norm import check_device
 
 
 @triton.jit

@@ -1,0 +1,155 @@
+"""The CPU fast path: packed weights with fused epilogues, row-wise chunks, and giving mapped pages back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from m0lite import InputError, Reranker
+from m0lite import linear
+from m0lite.linear import Linear, pack_linears, packable, rowwise
+from tests.reference import Reference
+from weights.safetensors_mmap import read_tensors
+
+needs_packing = pytest.mark.skipif(not packable(torch.device("cpu"), torch.bfloat16),
+                                   reason="this CPU has no native bf16 for oneDNN (packing is off here, as in use)")
+QUERY = "small language model data extraction"
+DOCS = ["ReaderLM-v2 converts raw HTML into markdown.", "数据提取是从非结构化文本中获取结构化信息的过程。",
+        " ".join(f"token{i} 数据 word" for i in range(200))]  # the last is longer than one 256-row chunk
+
+
+def _linear(n_in, n_out, bias, dtype):
+    lin = Linear(n_in, n_out, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, n_in**-0.5)
+        if bias:
+            lin.bias.normal_()
+    return lin
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_unpacked_methods_are_the_plain_math(bias):
+    lin = _linear(48, 80, bias, torch.float32)
+    x, other = torch.randn(7, 48), torch.randn(7, 80)
+    y = F.linear(x, lin.weight, lin.bias)
+    assert torch.equal(lin(x), y)
+    assert torch.equal(lin.silu(x), F.silu(y))
+    assert torch.equal(lin.mul(x, other), y * other)
+    assert torch.equal(lin.add(x, other), other + y)
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [0, 1, 5, 256, 300])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_methods_match_within_bf16_rounding(rows, bias):
+    lin = _linear(96, 160, bias, torch.bfloat16)
+    x, other = torch.randn(rows, 96).bfloat16(), torch.randn(rows, 160).bfloat16()
+    plain = [lin(x), lin.silu(x), lin.mul(x, other), lin.add(x, other)]
+    lin.pack()
+    assert lin.packed is not None
+    packed = [lin(x), lin.silu(x), lin.mul(x, other), lin.add(x, other)]
+    for p, q in zip(plain, packed):
+        assert p.shape == q.shape and p.dtype == q.dtype
+        # Fused epilogues round once from fp32 where the plain path rounds after each step.
+        torch.testing.assert_close(q.float(), p.float(), atol=0.05, rtol=0.02)
+    assert packed[0].shape == lin(x.view(1, rows, 96)).shape[1:]  # leading dims pass through
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
+def test_rowwise_equals_the_whole(n):
+    lin = _linear(16, 24, True, torch.float32)
+    x, y = torch.randn(n, 16), torch.randn(n, 24)
+
+    def fn(a, b):
+        return lin.add(a, b), lin(a).view(-1, 4, 6)
+
+    calls = []
+    whole = fn(x, y)
+    parts = rowwise(lambda a, b: calls.append(a.shape[0]) or fn(a, b), x, y)
+    assert sum(calls) == n and max(calls, default=0) <= linear.PACK_ROWS
+    for w, p in zip(whole, parts):
+        assert p.shape == w.shape
+        torch.testing.assert_close(p, w, atol=1e-6, rtol=1e-6)
+    assert rowwise(lin, x).shape == (n, 24)  # a single tensor comes back as one
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not open("/proc/self/status").read().count("RssFile"), reason="needs Linux /proc")
+def test_packing_gives_the_mapped_pages_back_and_keeps_values(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(2048, 2048)}, str(path))  # 16 MiB
+    w = read_tensors(path)["w"]
+    expected = w.clone()
+    total = float(w.sum())  # fault every page in
+    before = _rss_file_kib()
+    linear.release_mapped_pages(w, linear._file_mappings())
+    assert before - _rss_file_kib() > 12 * 1024  # the tensor's pages left the resident set
+    assert float(w.sum()) == total and torch.equal(w, expected)  # and fault back in from the file
+
+    anon = torch.randn(2048, 2048)  # not file-backed: must be left alone (dropping would zero it)
+    copy = anon.clone()
+    linear.release_mapped_pages(anon, linear._file_mappings())
+    assert torch.equal(anon, copy)
+
+
+def test_pack_weights_needs_bf16_on_cpu(tiny_ckpt):
+    with pytest.raises(InputError, match="pack_weights=True needs bf16"):
+        Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=True)
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    assert rr.packed == []  # fp32: never packed
+    with pytest.raises(InputError, match="do not go together"):
+        Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, compile=True, pack_weights=True)
+
+
+@needs_packing
+def test_packed_scores_match_the_reference_bf16(tiny_ckpt, images_for_packing):
+    packed = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True)
+    assert packed.packed == ["decoder", "vision"]
+    plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=False)
+    ref = Reference(tiny_ckpt, dtype=torch.bfloat16)
+    pairs = [[QUERY, d] for d in DOCS]
+    theirs = [Reranker.normalize(s) for s in ref.raw_scores(pairs, batch_size=1)]
+    assert packed.compute_score(pairs) == pytest.approx(theirs, abs=1e-2)
+    assert packed.compute_score(pairs) == pytest.approx(plain.compute_score(pairs), abs=1e-2)
+    pairs = [[QUERY, im] for im in images_for_packing]
+    theirs = [Reranker.normalize(s) for s in ref.raw_scores(pairs, batch_size=1, doc_type="image")]
+    assert packed.compute_score(pairs, doc_type="image") == pytest.approx(theirs, abs=1e-2)
+    # Batching never changes a packed score beyond rounding either.
+    alone = [packed.compute_score(p, doc_type="image") for p in pairs]
+    assert packed.compute_score(pairs, doc_type="image", batch_size=8) == pytest.approx(alone, abs=1e-3)
+
+
+@needs_packing
+def test_towers_pack_after_enough_work(tiny_ckpt, images_for_packing, monkeypatch):
+    import m0lite.reranker as reranker_module
+
+    monkeypatch.setattr(reranker_module, "PACK_AFTER_ROWS", 300)
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    short = rr.compute_score([QUERY, DOCS[0]])
+    assert rr.packed == []  # a short pair does not pay for packing
+    rr.compute_score([[QUERY, d] for d in DOCS])  # now past 300 tokens in all
+    assert rr.packed == ["decoder"]
+    assert all(m.packed is not None for m in rr.model.model.modules() if isinstance(m, Linear))
+    assert all(m.packed is None for m in rr.model.visual.modules() if isinstance(m, Linear))
+    assert rr.compute_score([QUERY, DOCS[0]]) == pytest.approx(short, abs=1e-2)
+    rr.compute_score([[QUERY, im] for im in images_for_packing * 2], doc_type="image")
+    assert rr.packed == ["decoder", "vision"]
+    assert pack_linears(rr.model) == 0  # nothing left to pack
+
+
+@pytest.fixture(scope="module")
+def images_for_packing():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # The second is larger than one 256-row chunk of patches.
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((56, 84), (300, 260))]
