@@ -50,7 +50,7 @@ class VisionAttention(nn.Module):
 
     def forward(self, q, k, v, cu_seqlens, max_seqlen):
         """Attention within each image, (P, nh * hd), before proj."""
-        return kernels.attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=False).flatten(1)
+        return kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=False).flatten(1)
 
 
 class VisionMLP(nn.Module):
