@@ -1,7 +1,10 @@
 """End to end on CPU: m0lite against the transformers reference, same file, same pairs.
 
 Each (workload, side) runs in its own process (`bench/e2e_worker.py`), so peak
-RSS and load time (file to first score) are that side's alone. Sides: m0lite's
+RSS and load time (file to first score) are that side's alone. The sides load
+one after another and then take turns for their timed runs (`--no-interleave`:
+one side after the other), so that the drift of a shared VM's speed over minutes
+does not land on one side only. Sides: m0lite's
 `compute_score` with its defaults; the reference as the original compute_score
 (left-padded batches of 8, "ref8"); the reference one pair at a time ("ref1").
 Workloads are those of /work/shared/BENCH.md (see `--list`).
@@ -43,7 +46,7 @@ SIDES = ("m0lite", "ref8", "ref1")
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}  # max |diff| of normalised scores
 
 sys.path.insert(0, str(REPO))
-from bench.e2e_worker import WORKLOADS  # noqa: E402  (the worker module imports nothing heavy at top level)
+from bench.e2e_worker import TIMED_VARIANTS, WORKLOADS  # noqa: E402  (the worker module imports nothing heavy at top level)
 
 
 def quick_config():
@@ -194,7 +197,7 @@ def run_side(side: str, workload: str, args, folder: Path) -> dict:
     return best
 
 
-def run_worker(side: str, workload: str, args, folder: Path) -> dict:
+def worker_command(side: str, workload: str, args, folder: Path) -> tuple[list[str], dict]:
     cmd = [sys.executable, str(WORKER), "--side", side, "--ckpt", str(folder), "--workload", workload,
            "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--retries", str(args.retries), "--max-others", str(args.max_others)]
@@ -206,22 +209,79 @@ def run_worker(side: str, workload: str, args, folder: Path) -> dict:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         cmd += ["--profile", str(args.out_dir / f"profile_{args.stamp}_{args.mode}_{workload}_m0lite.txt")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-    wait_for_quiet(args, f"[{side} {workload}]")
-    print(f"[{side} {workload}] start (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
-    load_before = os.getloadavg()[0]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"worker {side} {workload} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return cmd, env
+
+
+def finish(side: str, workload: str, stdout: str, returncode: int, started: float, load_before: float) -> dict:
+    """The worker's result line, with the timed runs the statistics use."""
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    if returncode or not lines:
+        raise SystemExit(f"worker {side} {workload} failed (exit {returncode}):\n{stdout[-2000:]}")
     res = json.loads(lines[-1])
     clean = [r for r in res["runs"] if r["clean"]]
     if not clean:
         print(f"[{side} {workload}] every timed run was contended: statistics use all of them", file=sys.stderr)
     res["times_s"] = [r["time_s"] for r in clean or res["runs"]]
-    res.update(wall_s=time.perf_counter() - t, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
+    res.update(wall_s=time.perf_counter() - started, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
     print(f"[{side} {workload}] done in {res['wall_s']:.0f}s", file=sys.stderr, flush=True)
     return res
+
+
+def run_worker(side: str, workload: str, args, folder: Path) -> dict:
+    cmd, env = worker_command(side, workload, args, folder)
+    wait_for_quiet(args, f"[{side} {workload}]")
+    print(f"[{side} {workload}] start (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()[0]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return finish(side, workload, proc.stdout, proc.returncode, t, load_before)
+
+
+def run_interleaved(sides: list[str], workload: str, args, folder: Path) -> dict[str, dict]:
+    """Every side's worker up at once, loaded one after another (so each load runs alone); then their
+    timed runs take turns, the order rotating each round, until every side has --repeats uncontended
+    runs or --retries extra rounds are spent. The VM's speed drifts by 10% and more over minutes:
+    sides timed minutes apart would compare that drift, sides timed in turns do not."""
+    procs, starts, out = {}, {}, {}
+
+    def expect(side: str, prefix: str) -> str:
+        for line in procs[side].stdout:
+            out[side] += line
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        procs[side].wait()
+        raise SystemExit(f"worker {side} {workload} ended early (exit {procs[side].returncode}):\n{out[side][-2000:]}")
+
+    try:
+        for side in sides:
+            cmd, env = worker_command(side, workload, args, folder)
+            wait_for_quiet(args, f"[{side} {workload}]")
+            print(f"[{side} {workload}] start (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+            starts[side] = (time.perf_counter(), os.getloadavg()[0])
+            procs[side] = subprocess.Popen(cmd + ["--interleave"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True, env=env, cwd=REPO)
+            out[side] = ""
+            expect(side, "@ready")
+        clean = dict.fromkeys(sides, 0)
+        for i in range(args.repeats + args.retries):
+            if min(clean.values()) >= args.repeats:
+                break
+            for side in sides[i % len(sides):] + sides[:i % len(sides)]:
+                procs[side].stdin.write(f"run {TIMED_VARIANTS + i}\n")
+                procs[side].stdin.flush()
+                clean[side] += json.loads(expect(side, "@run "))["clean"]
+        results = {}
+        for side in sides:
+            procs[side].stdin.write("done\n")
+            procs[side].stdin.close()
+            rest = procs[side].stdout.read()  # the worker's result line, after "done"
+            procs[side].wait()
+            results[side] = finish(side, workload, out[side] + rest, procs[side].returncode, *starts[side])
+        return results
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
 
 
 def gib(b: float) -> str:
@@ -348,6 +408,8 @@ def main() -> None:
                     help="a timed run is contended when other processes took more than this share of all CPUs (default 0.10)")
     ap.add_argument("--wait-quiet", type=float, default=300,
                     help="before each side, wait up to this many seconds for other processes to leave the CPUs idle")
+    ap.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="time each side's runs in one stretch instead of taking turns with the other sides")
     ap.add_argument("--side-attempts", type=int, default=3,
                     help="start a side again (in all up to this many times) when contention spoiled its runs or load")
     ap.add_argument("--compile", action="store_true", help="m0lite side with compile=True (torch.compile of the blocks)")
@@ -397,7 +459,10 @@ def main() -> None:
 
     all_rows, all_ratios, all_ok = [], {}, True
     for w in workloads:
-        results = {s: run_side(s, w, args, folder) for s in sides}
+        if args.interleave and len(sides) > 1:
+            results = run_interleaved(sides, w, args, folder)
+        else:
+            results = {s: run_side(s, w, args, folder) for s in sides}
         rows, ratios, ok = report(w, results, cfg, args)
         all_rows += rows
         all_ratios[w] = ratios

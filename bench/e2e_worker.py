@@ -5,7 +5,7 @@ Run by `bench/bench_e2e.py`, one process per (workload, side), so that peak RSS
 score) belong to that side alone.
 
 Sides:
-  m0lite  `Reranker.from_pretrained` + `compute_score` with its defaults (packed batches).
+  m0lite  `Reranker.from_pretrained` + `compute_score` with its defaults (no padding).
   ref8    the transformers reference (`tests/reference.py`) as the original compute_score:
           left-padded batches of 8.
   ref1    the same reference one pair at a time (batch_size=1, no padding).
@@ -15,14 +15,16 @@ does, with transformers' `from_pretrained` (weights memory-mapped from the
 same safetensors file, in the requested dtype).
 
 Protocol: load time = import of the side's library + weights read + the score
-of one short pair. Then `--warmup` untimed runs and `--repeats` timed runs of
-the whole workload (tokenisation and image preprocessing included: end to end,
+of one short pair. Then `--warmup` untimed runs (m0lite: more, until a run packs
+no further weights) and `--repeats` timed runs of the whole workload (tokenisation and image preprocessing included: end to end,
 as a user calls it). Inputs are generated deterministically from the workload
 name and the run's index, so every side scores identical pairs; each run gets
 new documents or pixels of the same sizes, because m0lite caches visual tokens
 and document prefixes and would otherwise serve repeats from its cache.
 Each timed run also records how much CPU other processes took meanwhile
-(from /proc/stat); see `--max-others` and `--retries`.
+(from /proc/stat); see `--max-others` and `--retries`. With `--interleave` the
+timed runs are made on the launcher's command instead, one at a time, taking turns
+with the other sides' workers (the launcher's `--interleave`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def noise_image(w: int, h: int, seed: int):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+TIMED_VARIANTS = 100  # timed run i scores variant 100 + i on every side (warm-ups use 0, 1, ...)
 
 
 def make_workload(name: str, folder: Path, quick: bool, variant: int = 0) -> tuple[list, str, str]:
@@ -181,6 +186,7 @@ def main() -> None:
     ap.add_argument("--max-others", type=float, default=0.10,
                     help="a run is contended when other processes took more than this share of all CPUs")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one extra run here")
+    ap.add_argument("--interleave", action="store_true", help="timed runs on the launcher's command (stdin), see below")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,14 +222,20 @@ def main() -> None:
         t = time.perf_counter()
         score(*(first if i == 0 else workload(i)))
         log(f"warmup {i + 1}/{args.warmup}: {time.perf_counter() - t:.2f}s")
+    variant = args.warmup
     if hasattr(score, "packed"):
-        log(f"weights packed for the timed runs: {', '.join(score.packed()) or 'none'}")
+        # m0lite packs a tower's weights once it has done enough work (a one-time cost of a second or
+        # more): warm up until a run packs nothing new, so that the timed runs are its steady state.
+        for _ in range(3):
+            before = score.packed()
+            t = time.perf_counter()
+            score(*workload(variant))
+            variant += 1
+            log(f"warmup until packing settles: {time.perf_counter() - t:.2f}s, packed now: {', '.join(score.packed()) or 'none'}")
+            if score.packed() == before:
+                break
 
-    # Timed runs. Other processes may share these cores: a run during which they took more than
-    # `--max-others` of the machine's CPU time is kept in the record but not in the statistics,
-    # and another run (a new variant) is made, up to `--retries` extra runs.
-    runs, variant, cores = [], args.warmup, os.cpu_count()
-    while sum(r["clean"] for r in runs) < args.repeats and len(runs) < args.repeats + args.retries:
+    def timed_run(variant: int) -> dict:
         inputs = workload(variant)
         busy0, own0 = busy_cpu_s()
         t = time.perf_counter()
@@ -232,11 +244,30 @@ def main() -> None:
         busy1, own1 = busy_cpu_s()
         own = own1 - own0
         others = max(0.0, (busy1 - busy0) - own) / (wall * cores)
-        runs.append({"variant": variant, "time_s": wall, "cpu_s": own, "others": others,
-                     "clean": others <= args.max_others, "scores": scores})
-        log(f"run {len(runs)} (variant {variant}): {wall:.2f}s, own CPU {own:.2f}s, others {others:.0%}"
-            + ("" if runs[-1]["clean"] else " -> contended, not counted"))
-        variant += 1
+        run = {"variant": variant, "time_s": wall, "cpu_s": own, "others": others,
+               "clean": others <= args.max_others, "scores": scores}
+        log(f"run (variant {variant}): {wall:.2f}s, own CPU {own:.2f}s, others {others:.0%}"
+            + ("" if run["clean"] else " -> contended, not counted"))
+        return run
+
+    runs, cores = [], os.cpu_count()
+    if args.interleave:
+        # The launcher alternates the sides' timed runs, so that a machine whose speed drifts over
+        # minutes (a shared VM) slows every side alike: "run V" -> one timed run of variant V; "done".
+        print("@ready", flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "done":
+                break
+            runs.append(timed_run(int(cmd[1])))
+            print("@run " + json.dumps(runs[-1]), flush=True)
+    else:
+        # Timed runs. Other processes may share these cores: a run during which they took more than
+        # `--max-others` of the machine's CPU time is kept in the record but not in the statistics,
+        # and another run (a new variant) is made, up to `--retries` extra runs.
+        while sum(r["clean"] for r in runs) < args.repeats and len(runs) < args.repeats + args.retries:
+            runs.append(timed_run(TIMED_VARIANTS + len(runs)))
+    variant = TIMED_VARIANTS + 1000  # the profile's input: seen by no run
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

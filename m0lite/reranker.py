@@ -129,8 +129,7 @@ class Reranker:
         self._pack_after_rows = None if not can_pack or pack_weights is False else 0 if pack_weights else PACK_AFTER_ROWS
         self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet packed, the rows it has run
         if pack_weights:
-            self._maybe_pack(model.model, 0)
-            self._maybe_pack(model.visual, 0)
+            self.pack()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False, **kwargs) -> "Reranker":
@@ -157,6 +156,14 @@ class Reranker:
         """Which towers ("decoder", "vision") run on packed weights so far (see pack_weights)."""
         towers = {"decoder": self.model.model, "vision": self.model.visual}
         return [name for name, t in towers.items() if self._pack_after_rows is not None and t not in self._rows_run]
+
+    def pack(self) -> list[str]:
+        """Pack the weights of both towers now, where packing is on (bf16 on CPU, pack_weights not False):
+        a server does this at start rather than in its first large request. Returns `packed`."""
+        for tower in list(self._rows_run) if self._pack_after_rows is not None else []:
+            pack_linears(tower)
+            del self._rows_run[tower]
+        return self.packed
 
     def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
         """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see

@@ -104,7 +104,7 @@ def test_pack_weights_needs_bf16_on_cpu(tiny_ckpt):
     with pytest.raises(InputError, match="pack_weights=True needs bf16"):
         Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=True)
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    assert rr.packed == []  # fp32: never packed
+    assert rr.packed == [] and rr.pack() == []  # fp32: never packed
     with pytest.raises(InputError, match="do not go together"):
         Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, compile=True, pack_weights=True)
 
@@ -143,6 +143,9 @@ def test_towers_pack_after_enough_work(tiny_ckpt, images_for_packing, monkeypatc
     rr.compute_score([[QUERY, im] for im in images_for_packing * 2], doc_type="image")
     assert rr.packed == ["decoder", "vision"]
     assert pack_linears(rr.model) == 0  # nothing left to pack
+    fresh = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    assert fresh.pack() == ["decoder", "vision"]  # what a server does at start
+    assert fresh.compute_score([QUERY, DOCS[0]]) == pytest.approx(short, abs=1e-2)
 
 
 @pytest.fixture(scope="module")
