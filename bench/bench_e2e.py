@@ -17,10 +17,10 @@ useful GFLOP/s, peak RSS, load time) and the m0lite/reference ratios; checks
 that the normalised scores agree; writes the raw numbers to
 bench/results/e2e_<date>_<mode>_<dtype>_<workloads>.csv.
 
-Budget (2 Xeon cores with AMX, bf16, full size): text8 + image4 + image2 with
---repeats 3 take about 9 minutes; text32 alone about 11 minutes with
---repeats 2 --warmup 0 --retries 0 --side-attempts 1 (a padded reference run
-of text32 takes about 3 minutes). --quick runs everything in about 4 minutes.
+Budget (2 Xeon cores with AMX, bf16, full size): text8 + image2 + image4 with
+--sides m0lite,ref1 --repeats 3 take about 8 minutes; text32 with all three sides
+about 16 minutes with --repeats 2 --warmup 0 --retries 0 (a padded reference run
+of text32 takes over 3 minutes). --quick runs everything in about 4 minutes.
 The machine may be shared: each side waits for idle CPUs, measures what other
 processes take during each run, and leaves contended runs out of the statistics.
 """
