@@ -400,8 +400,8 @@ def main() -> None:
     ap.add_argument("--sides", default=",".join(SIDES), help="comma list of m0lite, ref8, ref1")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median and spread reported)")
     ap.add_argument("--warmup", type=int, default=2,
-                    help="untimed runs of the workload before timing (two: m0lite packs its weights after "
-                         "4,096 tokens or patches of work, which one run of text8 or image2 does not reach)")
+                    help="untimed runs of the workload before timing (m0lite then warms up further, until a run "
+                         "packs no more of its weights)")
     ap.add_argument("--retries", type=int, default=None,
                     help="extra timed runs allowed per side to replace runs contended by other processes (default: repeats)")
     ap.add_argument("--max-others", type=float, default=0.10,
@@ -411,7 +411,7 @@ def main() -> None:
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each side's runs in one stretch instead of taking turns with the other sides")
     ap.add_argument("--side-attempts", type=int, default=3,
-                    help="start a side again (in all up to this many times) when contention spoiled its runs or load")
+                    help="without interleaving: start a side again (in all up to this many times) when contention spoiled its runs or load")
     ap.add_argument("--compile", action="store_true", help="m0lite side with compile=True (torch.compile of the blocks)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides (default: all cores)")
     ap.add_argument("--ckpt", type=Path, default=None, help="use this checkpoint folder instead of the cached random one")
