@@ -156,3 +156,14 @@ def images_for_packing():
     rng = np.random.default_rng(0)
     # The second is larger than one 256-row chunk of patches.
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((56, 84), (300, 260))]
+
+
+@needs_packing
+def test_packed_document_cache_matches_uncached(tiny_ckpt):
+    cached = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True, doc_cache_bytes=2**26)
+    plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True)
+    cached.rank("first query", DOCS)  # fills the cache
+    for query in (QUERY, "another question about markdown"):
+        assert cached.compute_score([[query, d] for d in DOCS]) == pytest.approx(
+            plain.compute_score([[query, d] for d in DOCS]), abs=1e-2)
+    assert len(cached.doc_cache) == len(DOCS)
