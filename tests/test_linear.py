@@ -58,7 +58,8 @@ def test_packed_methods_match_within_bf16_rounding(rows, bias):
 
 
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
-def test_rowwise_equals_the_whole(n):
+def test_rowwise_equals_the_whole(n, monkeypatch):
+    monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))  # chunk fp32 too, to compare tightly
     lin = _linear(16, 24, True, torch.float32)
     x, y = torch.randn(n, 16), torch.randn(n, 24)
 
@@ -73,6 +74,25 @@ def test_rowwise_equals_the_whole(n):
         assert p.shape == w.shape
         torch.testing.assert_close(p, w, atol=1e-6, rtol=1e-6)
     assert rowwise(lin, x).shape == (n, 24)  # a single tensor comes back as one
+
+
+def test_rowwise_chunks_only_16_bit_cpu_work():
+    seen = []
+    for dtype, chunks in ((torch.bfloat16, 3), (torch.float16, 3), (torch.float32, 1)):
+        seen.clear()
+        rowwise(lambda a: seen.append(a.shape[0]) or a, torch.zeros(600, 2, dtype=dtype))
+        assert len(seen) == chunks, dtype
+
+
+def test_chunked_fp32_model_matches_reference(tiny_ckpt, tiny_reference, images_for_packing, monkeypatch):
+    """The row-wise chunks change no score: forced on in fp32, long prompts and a large image still match."""
+    monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    pairs = [[QUERY, d] for d in DOCS]
+    assert rr.compute_score(pairs, normalize_scores=False) == pytest.approx(tiny_reference.raw_scores(pairs), abs=1e-4)
+    pairs = [[QUERY, im] for im in images_for_packing]
+    assert rr.compute_score(pairs, doc_type="image", normalize_scores=False) == pytest.approx(
+        tiny_reference.raw_scores(pairs, doc_type="image"), abs=1e-4)
 
 
 def _rss_file_kib() -> int:
