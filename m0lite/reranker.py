@@ -126,7 +126,7 @@ class Reranker:
         can_pack = packable(model.device, model.dtype)
         if pack_weights and not can_pack:
             raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {model.dtype} on {model.device}")
-        self._pack_after_rows = None if not can_pack or pack_weights is False else 0 if pack_weights else PACK_AFTER_ROWS
+        self._packing = can_pack and pack_weights is not False
         self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet packed, the rows it has run
         if pack_weights:
             self.pack()
@@ -155,12 +155,12 @@ class Reranker:
     def packed(self) -> list[str]:
         """Which towers ("decoder", "vision") run on packed weights so far (see pack_weights)."""
         towers = {"decoder": self.model.model, "vision": self.model.visual}
-        return [name for name, t in towers.items() if self._pack_after_rows is not None and t not in self._rows_run]
+        return [name for name, t in towers.items() if self._packing and t not in self._rows_run]
 
     def pack(self) -> list[str]:
         """Pack the weights of both towers now, where packing is on (bf16 on CPU, pack_weights not False):
         a server does this at start rather than in its first large request. Returns `packed`."""
-        for tower in list(self._rows_run) if self._pack_after_rows is not None else []:
+        for tower in list(self._rows_run) if self._packing else []:
             pack_linears(tower)
             del self._rows_run[tower]
         return self.packed
@@ -168,10 +168,10 @@ class Reranker:
     def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
         """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see
         PACK_AFTER_ROWS)."""
-        if self._pack_after_rows is None or tower not in self._rows_run:
+        if not self._packing or tower not in self._rows_run:
             return
         self._rows_run[tower] += rows
-        if self._rows_run[tower] >= self._pack_after_rows:
+        if self._rows_run[tower] >= PACK_AFTER_ROWS:
             pack_linears(tower)
             del self._rows_run[tower]
 
