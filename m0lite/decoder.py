@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None, rows=None):
         """`rows`: compute the output only for these token rows (the last layer needs only each
         sequence's last token; attention still reads every token). Everything but attention is
-        row-wise and runs through `rowwise` (chunks on CPU)."""
+        row-wise and runs through `rowwise` (chunks on CPU in bf16)."""
         a = self.self_attn(*rowwise(self._qkv, h, cos, sin), cu_seqlens, max_seqlen, past, keep)
         if rows is not None:
             a, h = a[rows], h[rows]

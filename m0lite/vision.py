@@ -63,7 +63,7 @@ class VisionMLP(nn.Module):
     def forward(self, x, residual):
         """residual + fc2(quick_gelu(fc1(x)))"""
         x = self.fc1(x)
-        return self.fc2.add(x * torch.sigmoid(1.702 * x), residual)
+        return self.fc2.add(x * torch.sigmoid(1.702 * x), residual)  # QuickGELU
 
 
 class VisionBlock(nn.Module):
@@ -75,7 +75,7 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        """Everything but attention is row-wise and runs through `rowwise` (chunks on CPU)."""
+        """Everything but attention is row-wise and runs through `rowwise` (chunks on CPU in bf16)."""
         a = self.attn(*rowwise(self._qkv, x, cos, sin), cu_seqlens, max_seqlen)
         return rowwise(self._out, a, x)
 
