@@ -131,7 +131,8 @@ def release_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None
     safetensors views), so that a packed copy does not double the resident memory. The pages are
     clean copies of the file: if the tensor is read again they fault back in from it. Memory that is
     not file-backed (not inside one of `mapped`, from `_file_mappings`) is left alone: there,
-    dropping pages would zero the data."""
+    dropping pages would zero the data. So a checkpoint converted at load (say fp32 on disk, bf16 in
+    use) keeps both copies once packed; the published bf16 checkpoint in bf16 is mapped, and does not."""
     if t.device.type != "cpu" or t.numel() == 0:
         return
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
