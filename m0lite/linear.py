@@ -31,8 +31,14 @@ PACK_ROWS = 256  # rows per chunk of `rowwise`, and so per matmul, which the pac
 
 
 def packable(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # private ops (inductor's CPU path uses them): a torch build without them just runs unpacked
+        ops = torch.ops.mkldnn
+        return bool(ops._is_mkldnn_bf16_supported()) and all(
+            hasattr(ops, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Linear(nn.Linear):
