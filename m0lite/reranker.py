@@ -151,18 +151,22 @@ class Reranker:
             model.compile_blocks()
         return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
 
+    def _towers(self) -> dict[str, torch.nn.Module]:
+        return {"decoder": self.model.model, "vision": self.model.visual}
+
     @property
     def packed(self) -> list[str]:
         """Which towers ("decoder", "vision") run on packed weights so far (see pack_weights)."""
-        towers = {"decoder": self.model.model, "vision": self.model.visual}
-        return [name for name, t in towers.items() if self._packing and t not in self._rows_run]
+        return [name for name, t in self._towers().items() if self._packing and t not in self._rows_run]
 
-    def pack(self) -> list[str]:
-        """Pack the weights of both towers now, where packing is on (bf16 on CPU, pack_weights not False):
-        a server does this at start rather than in its first large request. Returns `packed`."""
-        for tower in list(self._rows_run) if self._packing else []:
-            pack_linears(tower)
-            del self._rows_run[tower]
+    def pack(self, towers=("decoder", "vision")) -> list[str]:
+        """Pack these towers' weights now, where packing is on (bf16 on CPU, pack_weights not False): a
+        server packs the decoder at start rather than in its first large request. Returns `packed`."""
+        for name in towers if self._packing else []:
+            tower = self._towers()[name]
+            if tower in self._rows_run:
+                pack_linears(tower)
+                del self._rows_run[tower]
         return self.packed
 
     def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:

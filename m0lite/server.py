@@ -440,8 +440,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MiB of document keys/values kept to rescore known documents cheaply (0: off)")
     parser.add_argument("--vision-cache-mb", type=float, default=256, help="MiB of images' visual tokens kept")
     parser.add_argument("--pack-weights", choices=["start", "auto", "never"], default="start",
-                        help="bf16 on CPU: lay the weights out for oneDNN at start (about 1.2x faster passes, "
-                             "1-2 s more to start), after some work (auto), or never")
+                        help="bf16 on CPU: lay the decoder's weights out for oneDNN at start (about 1.2x faster "
+                             "passes, a second more to start; the vision tower's once 4,096 image patches have "
+                             "run, so a text-only server never maps it), both after some work (auto), or never")
     parser.add_argument("--compile", action="store_true",
                         help="CPU: torch.compile the blocks instead of packing weights (the first request compiles)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -472,7 +473,7 @@ def serve(args: argparse.Namespace) -> None:
                                         vision_cache_bytes=int(args.vision_cache_mb * 2**20), compile=args.compile,
                                         pack_weights=False if args.pack_weights == "never" or args.compile else None)
     if args.pack_weights == "start" and not args.compile:
-        log.info("weights packed for: %s", ", ".join(reranker.pack()) or "nothing (packing is for bf16 on CPU)")
+        log.info("weights packed for: %s", ", ".join(reranker.pack(["decoder"])) or "nothing (packing is for bf16 on CPU)")
     log.info("loaded %s on %s in %.1f s", args.model, device, time.perf_counter() - t0)
     app = build_app(reranker, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
