@@ -20,6 +20,7 @@ the plain torch math the reference computes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -117,6 +118,11 @@ def pack_linears(module: nn.Module) -> int:
 _MADV_DONTNEED = 4
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private file mappings (Linux)."""
     spans = []
@@ -147,4 +153,4 @@ def release_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None
     page = mmap.PAGESIZE
     lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
     if hi > lo:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)

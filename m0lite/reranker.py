@@ -163,11 +163,13 @@ class Reranker:
         """Pack these towers' weights now, where packing is on (bf16 on CPU, pack_weights not False): a
         server packs the decoder at start rather than in its first large request. Returns `packed`."""
         for name in towers if self._packing else []:
-            tower = self._towers()[name]
-            if tower in self._rows_run:
-                pack_linears(tower)
-                del self._rows_run[tower]
+            self._pack(self._towers()[name])
         return self.packed
+
+    def _pack(self, tower: torch.nn.Module) -> None:
+        if tower in self._rows_run:
+            pack_linears(tower)
+            del self._rows_run[tower]
 
     def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
         """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see
@@ -176,8 +178,7 @@ class Reranker:
             return
         self._rows_run[tower] += rows
         if self._rows_run[tower] >= PACK_AFTER_ROWS:
-            pack_linears(tower)
-            del self._rows_run[tower]
+            self._pack(tower)
 
     # ---- inputs -------------------------------------------------------------------------------
 
