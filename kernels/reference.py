@@ -30,7 +30,9 @@ def attention_torch(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
     `max_seqlen` is unused here (the Triton launcher sizes its grid with it).
     Returns (total, n_heads, d) in q's dtype.
     """
-    out = torch.empty_like(q)
+    # Row-major whatever q's layout (m0lite stores q heads-major): the caller flattens the heads, which is
+    # then a view, not a copy.
+    out = q.new_empty(q.shape)
     gqa = q.shape[1] != k.shape[1]
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

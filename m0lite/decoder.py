@@ -52,7 +52,7 @@ def attention_with_past(q, k, v, cu_seqlens, past: list[tuple[torch.Tensor, torc
     """Causal attention of each packed sequence's new tokens over its past keys/values and itself.
     q (T, nh, hd), k/v (T, nkv, hd); past[i] = (k, v) of shape (P_i, nkv, hd). Query j of a
     sequence sees all P_i past keys and new keys 0..j."""
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # row-major (q may be heads-major): flattening the heads is a view
     bounds = cu_seqlens.tolist()
     for (s, e), (pk, pv) in zip(zip(bounds[:-1], bounds[1:]), past):
         n, p = e - s, pk.shape[0]

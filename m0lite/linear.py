@@ -44,33 +44,42 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
 
 class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, once `pack`ed
+    packed_bias: torch.Tensor | None = None
+    # A packed layer may compute a rescaled layer: x (weight_scale W)^T + bias_scale b. The owner sets
+    # these to move a constant factor into the weights (see VisionMLP); the plain methods ignore them.
+    weight_scale = bias_scale = 1.0
 
     def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        if self.weight_scale != 1.0:
+            w = (w.float() * self.weight_scale).to(w.dtype)  # rounded once, like the bf16 checkpoint itself
+        if b is not None and self.bias_scale != 1.0:
+            b = (b.float() * self.bias_scale).to(b.dtype)
+        self.packed, self.packed_bias = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS), b
 
     def forward(self, x):
         """x W^T + b"""
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
 
     def silu(self, x):
         """silu(x W^T + b)"""
         if self.packed is None:
             return F.silu(F.linear(x, self.weight, self.bias), inplace=True)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "swish", [], "")
 
     def mul(self, x, other):
         """(x W^T + b) * other"""
         if self.packed is None:
             return F.linear(x, self.weight, self.bias).mul_(other)
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.packed_bias, "mul")
 
     def add(self, x, other):
         """(x W^T + b) + other: a residual connection."""
         if self.packed is None:
             return F.linear(x, self.weight, self.bias).add_(other)
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.packed_bias, "add")
 
 
 # Activation dtypes that `rowwise` chunks on CPU. In bf16 (oneDNN's AMX kernels) 256-row chunks are faster;

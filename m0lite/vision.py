@@ -53,17 +53,29 @@ class VisionAttention(nn.Module):
         return kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=False).flatten(1)
 
 
+QUICK_GELU = 1.702  # QuickGELU(u) = u * sigmoid(1.702 u)
+
+
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
         self.fc1 = Linear(cfg.embed_dim, hidden)
         self.fc2 = Linear(hidden, cfg.embed_dim)
+        # QuickGELU(u) = swish(1.702 u) / 1.702, and oneDNN fuses swish (silu) into a matmul but has no
+        # QuickGELU. So once packed, fc1 computes 1.702 u (its weight and bias scaled by 1.702) with swish
+        # fused, and fc2 takes the 1/1.702 into its weight. That spares three passes over the (rows, 5120)
+        # activations: one vision block ran 7-8% faster. The scaled weights are rounded to bf16 once, which
+        # moves a block's output by about as much as packing itself does (bf16 noise, ~2e-3 relative).
+        self.fc1.weight_scale = self.fc1.bias_scale = QUICK_GELU
+        self.fc2.weight_scale = 1 / QUICK_GELU
 
     def forward(self, x, residual):
         """residual + fc2(quick_gelu(fc1(x)))"""
+        if self.fc1.packed is not None:
+            return self.fc2.add(self.fc1.silu(x), residual)  # the scaled weights above
         x = self.fc1(x)
-        return self.fc2.add(x * torch.sigmoid(1.702 * x), residual)  # QuickGELU
+        return self.fc2.add(x * torch.sigmoid(QUICK_GELU * x), residual)
 
 
 class VisionBlock(nn.Module):

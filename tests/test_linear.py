@@ -59,6 +59,41 @@ def test_packed_methods_match_within_bf16_rounding(rows, bias):
     assert packed[0].shape == lin(x.view(1, rows, 96)).shape[1:]  # leading dims pass through
 
 
+@needs_packing
+def test_packed_scales_move_into_the_weights():
+    lin = _linear(96, 160, True, torch.bfloat16)
+    x = torch.randn(40, 96).bfloat16()
+    lin.weight_scale, lin.bias_scale = 1.702, 3.0
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # unpacked: the scales play no part
+    lin.pack()
+    expected = F.linear(x.float(), lin.weight.float() * 1.702, lin.bias.float() * 3.0)
+    torch.testing.assert_close(lin(x).float(), expected, atol=0.05, rtol=0.02)
+
+
+@needs_packing
+def test_packed_vision_mlp_is_quick_gelu():
+    # Packed, fc1 runs with swish fused on weights scaled by 1.702 and fc2 takes the 1/1.702 back:
+    # the result must still be residual + fc2(QuickGELU(fc1(x))), to bf16 rounding.
+    from m0lite.config import VisionConfig
+    from m0lite.vision import VisionMLP
+
+    mlp = VisionMLP(VisionConfig(embed_dim=64, num_heads=4, depth=1, hidden_size=96)).bfloat16()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.3)
+    x, res = torch.randn(300, 64).bfloat16(), torch.randn(300, 64).bfloat16()
+    u = F.linear(x.float(), mlp.fc1.weight.float(), mlp.fc1.bias.float())
+    exact = res.float() + F.linear(u * torch.sigmoid(1.702 * u), mlp.fc2.weight.float(), mlp.fc2.bias.float())
+    plain = mlp(x, res).float()
+    pack_linears(mlp)
+    assert mlp.fc1.packed is not None and mlp.fc2.packed is not None
+    packed = mlp(x, res).float()
+    # Packed is as close to the exact fp32 result as the plain bf16 path is.
+    err = lambda y: ((y - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()  # noqa: E731
+    assert err(packed) < 1.5 * err(plain) + 1e-3, (err(packed), err(plain))
+    assert err(plain) < 1e-2
+
+
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
 def test_rowwise_equals_the_whole(n, monkeypatch):
     monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))  # chunk fp32 too, to compare tightly
