@@ -50,12 +50,15 @@ class Linear(nn.Linear):
     weight_scale = bias_scale = 1.0
 
     def pack(self) -> None:
-        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
         if self.weight_scale != 1.0:
-            w = (w.float() * self.weight_scale).to(w.dtype)  # rounded once, like the bf16 checkpoint itself
+            # The blocked layout only moves elements (and pads with zeros), so scaling it in place scales the
+            # weight, each element rounded once, without a temporary copy the heap would keep a hole for.
+            packed.mul_(self.weight_scale)
+        b = None if self.bias is None else self.bias.detach()
         if b is not None and self.bias_scale != 1.0:
-            b = (b.float() * self.bias_scale).to(b.dtype)
-        self.packed, self.packed_bias = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS), b
+            b = b * self.bias_scale
+        self.packed, self.packed_bias = packed, b
 
     def forward(self, x):
         """x W^T + b"""
