@@ -94,6 +94,48 @@ def test_packed_vision_mlp_is_quick_gelu():
     assert err(plain) < 1e-2
 
 
+def test_rotary_in_pair_order_is_the_same_rotation():
+    from m0lite.rope import apply_rotary, apply_rotary_pairs, pair_order
+
+    heads, hd, n = 3, 80, 37
+    order = pair_order(heads, hd)
+    assert sorted(order) == list(range(heads * hd))
+    x, angles = torch.randn(n, heads, hd), torch.rand(n, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = apply_rotary(x, cos, sin).flatten(1)[:, order].view(n, heads, hd)
+    paired = apply_rotary_pairs(x.flatten(1)[:, order].view(n, heads, hd), torch.complex(angles.cos(), angles.sin()))
+    torch.testing.assert_close(paired, expected, atol=1e-6, rtol=1e-6)
+
+
+@needs_packing
+def test_packed_vision_block_matches_the_plain_one():
+    # Packed, qkv emits queries and keys in rotary-pair order and fc1/fc2 carry QuickGELU's scale:
+    # the block's output must not move by more than bf16 rounding.
+    from m0lite.config import VisionConfig
+    from m0lite.rope import inv_freq, vision_cos_sin, vision_positions
+    from m0lite.vision import VisionBlock
+
+    cfg = VisionConfig(embed_dim=160, num_heads=2, depth=1, hidden_size=96)
+    block = VisionBlock(cfg).bfloat16()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+        block.attn.qkv.weight.normal_(0, 0.3)  # logits of several units: attention depends on the rotation
+        block.norm1.weight.fill_(1.0)
+    grid = [(1, 16, 20), (1, 8, 6)]
+    cos, sin = vision_cos_sin(vision_positions(grid, 2), inv_freq(cfg.head_dim // 2, cfg.rope_theta))
+    n = sum(t * h * w for t, h, w in grid)
+    x, cu = torch.randn(n, 160).bfloat16(), torch.tensor([0, 320, n], dtype=torch.int32)
+    with torch.inference_mode():
+        exact = block.float()(x.float(), cos, sin, cu, 320)
+        block.bfloat16()
+        plain = block(x, cos, sin, cu, 320).float()
+        pack_linears(block)
+        packed = block(x, cos, sin, cu, 320).float()
+    err = lambda y: ((y - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()  # noqa: E731
+    assert err(plain) < 0.05 and err(packed) < 1.5 * err(plain) + 1e-3, (err(packed), err(plain))
+
+
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
 def test_rowwise_equals_the_whole(n, monkeypatch):
     monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))  # chunk fp32 too, to compare tightly
