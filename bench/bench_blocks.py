@@ -52,7 +52,8 @@ def matmul_calls(block) -> list[list[tuple[torch.nn.Module, str]]]:
         return [[(a.q_proj, "forward"), (a.k_proj, "forward"), (a.v_proj, "forward")],
                 [(a.o_proj, "forward"), (m.gate_proj, "silu"), (m.up_proj, "mul"), (m.down_proj, "add")]]
     a, m = block.attn, block.mlp
-    return [[(a.qkv, "forward")], [(a.proj, "add"), (m.fc1, "forward"), (m.fc2, "add")]]
+    # Packed, fc1 runs QuickGELU as a fused swish (see VisionMLP); unpacked, the activation is separate.
+    return [[(a.qkv, "forward")], [(a.proj, "add"), (m.fc1, "forward" if m.fc1.packed is None else "silu"), (m.fc2, "add")]]
 
 
 def capture(rr: Reranker, block, workload: str, folder: Path, pairs_slice=slice(None)):
