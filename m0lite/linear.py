@@ -48,7 +48,7 @@ class Linear(nn.Linear):
     # A packed layer may compute a re-parametrised layer, set up by the module that owns it (see
     # VisionAttention and VisionMLP): its outputs in the order `rows` (a permutation of range(out)), and
     # x (weight_scale W)^T + bias_scale b. The plain methods ignore these.
-    rows: list[int] | None = None
+    rows: tuple[int, ...] | None = None
     weight_scale = bias_scale = 1.0
 
     def pack(self, scratch: dict | None = None) -> None:

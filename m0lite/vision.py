@@ -6,9 +6,15 @@ with 2-D rotary attention that never crosses images (block-diagonal through
 `cu_seqlens`), and the merger, which concatenates each 2x2 window of patches
 (they are adjacent in the processor's order) into one visual token of the
 decoder's width. Module names equal the checkpoint's (`visual.blocks.N.attn.qkv`).
+
+Once its weights are packed (bf16 on CPU, see linear.py), the tower moves two
+elementwise steps into its matmuls: the rotary rotation (VisionAttention) and
+QuickGELU (VisionMLP). Unpacked, every step is the reference's own math.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,13 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+@functools.cache  # one tuple shared by every block
+def _qkv_rows(heads: int, head_dim: int) -> tuple[int, ...]:
+    """qkv's output order when packed: queries and keys in rotary-pair order, values as they are."""
+    pairs, width = pair_order(heads, head_dim), heads * head_dim
+    return (*pairs, *(width + i for i in pairs), *range(2 * width, 3 * width))
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -41,8 +54,7 @@ class VisionAttention(nn.Module):
         # Once packed, qkv emits the query and key features of each rotary pair side by side, so that the
         # rotation is one complex multiply: three passes instead of seven (one vision block ran ~8%
         # faster). Queries and keys are permuted alike, so their dot products, and attention, are unchanged.
-        pairs = pair_order(cfg.num_heads, cfg.head_dim)
-        self.qkv.rows = [*pairs, *(cfg.embed_dim + i for i in pairs), *range(2 * cfg.embed_dim, 3 * cfg.embed_dim)]
+        self.qkv.rows = _qkv_rows(cfg.num_heads, cfg.head_dim)
 
     def project(self, x, cos, sin):
         """Rotated queries and keys, and values, of rows x: 3 x (P, nh, hd)."""
