@@ -15,7 +15,7 @@ drifts over minutes, so each round times every stage once):
              layer's order over the same 256-row chunks, on random inputs of the same shapes
   rest       whole - attention - matmuls: norms, rotary, activations, copies, Python
 
-    python bench/bench_blocks.py                 # about 2 minutes on 2 cores
+    python bench/bench_blocks.py                 # under a minute on 2 cores (once the checkpoint exists)
     python bench/bench_blocks.py --rounds 15     # tighter medians
 
 Prints one table per input (median ms [p20..p80], share of the whole, and the
@@ -43,7 +43,6 @@ from m0lite import Reranker  # noqa: E402
 from m0lite.linear import PACK_ROWS, rowwise  # noqa: E402
 
 
-
 def matmul_calls(block) -> list[list[tuple[torch.nn.Module, str]]]:
     """(linear, method) of every matmul the block runs, as its forward calls them: one list per row-wise
     half (before attention, after it), each run chunk by chunk, so that the weights are read as often."""
@@ -54,6 +53,11 @@ def matmul_calls(block) -> list[list[tuple[torch.nn.Module, str]]]:
     a, m = block.attn, block.mlp
     # Packed, fc1 runs QuickGELU as a fused swish (see VisionMLP); unpacked, the activation is separate.
     return [[(a.qkv, "forward")], [(a.proj, "add"), (m.fc1, "forward" if m.fc1.packed is None else "silu"), (m.fc2, "add")]]
+
+
+def attention(block):
+    """The attention module of a decoder layer or a vision block."""
+    return getattr(block, "self_attn", None) or block.attn
 
 
 def capture(rr: Reranker, block, workload: str, folder: Path, pairs_slice=slice(None)):
@@ -71,7 +75,7 @@ def capture(rr: Reranker, block, workload: str, folder: Path, pairs_slice=slice(
 def stages(block, args) -> dict:
     """name -> a function running that stage once over the captured inputs."""
     x = args[0]
-    n, attn = x.shape[0], getattr(block, "self_attn", None) or block.attn
+    n, attn = x.shape[0], attention(block)
     q, k, v = rowwise(block._qkv, *args[:3])
     cu, max_len = args[3], args[4]
     halves = []
@@ -96,8 +100,7 @@ def flops(block, args) -> tuple[float, float]:
     """(matmul FLOPs, attention scores (query-key pairs times heads)) of one pass."""
     x, cu = args[0], args[3].tolist()
     mm = sum(2 * x.shape[0] * lin.in_features * lin.out_features for half in matmul_calls(block) for lin, _ in half)
-    causal = hasattr(block, "self_attn")
-    heads = block.self_attn.n_heads if causal else block.attn.n_heads
+    causal, heads = hasattr(block, "self_attn"), attention(block).n_heads
     scores = sum((L * (L + 1) / 2 if causal else L * L) for L in (e - s for s, e in zip(cu[:-1], cu[1:]))) * heads
     return mm, scores
 
