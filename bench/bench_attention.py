@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common import (CUDA, DEVICE, device_name, no_gpu_banner, peak_matmul_tflops, print_table, sync, time_ms,
                     write_csv)
 
-import kernels  # importable: common put the repository root on sys.path
+from m0lite import kernels  # importable: common put the repository root on sys.path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -23,7 +23,7 @@ import torch
 from m0lite import Reranker
 from m0lite.config import ModelConfig, TextConfig, VisionConfig
 from m0lite.reranker import cpu_has_native_bf16
-from weights.writer import FULL_CONFIG, write_random_checkpoint
+from m0lite.fixtures.random_checkpoint import FULL_CONFIG, write_random_checkpoint
 
 QUICK = ModelConfig(text=TextConfig(num_hidden_layers=6, hidden_size=512, intermediate_size=1536, num_attention_heads=4,
                                     num_key_value_heads=2, mrope_section=[16, 24, 24]),

@@ -67,7 +67,7 @@ def ensure_checkpoint(quick: bool) -> Path:
         return folder
     import torch
 
-    from weights.writer import FULL_CONFIG, write_random_checkpoint
+    from m0lite.fixtures.random_checkpoint import FULL_CONFIG, write_random_checkpoint
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

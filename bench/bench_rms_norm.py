@@ -18,7 +18,7 @@ import torch
 
 from common import CUDA, DEVICE, device_name, no_gpu_banner, peak_copy_gbs, print_table, sync, time_ms, write_csv
 
-import kernels  # importable: common put the repository root on sys.path
+from m0lite import kernels  # importable: common put the repository root on sys.path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),

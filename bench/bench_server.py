@@ -204,7 +204,7 @@ def main() -> None:
     if args.model:
         model, label = args.model, Path(args.model).name
     else:
-        from weights.writer import write_random_checkpoint
+        from m0lite.fixtures.random_checkpoint import write_random_checkpoint
 
         model, label = str(write_random_checkpoint(Path(tmp.name) / "tiny", seed=0)), "tiny (random)"
     images, image_urls = start_image_server(args.images)

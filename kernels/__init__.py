@@ -1,7 +1,7 @@
-"""m0lite's kernels: fused RMSNorm and packed variable-length flash attention.
+"""m0lite's kernels: fused RMSNorm and variable-length flash attention (with or without a cached prefix).
 
 Each op has a Triton kernel (`*_triton`) and a torch twin (`*_torch`) with the same
-signature. `rms_norm` and `attention` pick one per call: Triton for CUDA tensors,
+signature. `rms_norm`, `attention` and `attention_with_past` pick one per call: Triton for CUDA tensors,
 the twin otherwise. M0LITE_KERNELS=triton|torch forces a choice (read at call
 time); with TRITON_INTERPRET=1 set before import, Triton also runs on CPU tensors.
 """
@@ -9,11 +9,15 @@ time); with TRITON_INTERPRET=1 set before import, Triton also runs on CPU tensor
 import importlib
 import os
 
-from .reference import attention_torch, rms_norm_torch
+import torch
+import torch.nn.functional as F
+
+from .reference import attention_torch, attention_with_past_torch, rms_norm_torch
 
 # The Triton kernels load on first use: importing triton takes ~0.15 s, which a CPU-only process
 # (running the torch twins) should not pay at start-up.
-_TRITON = {"attention_triton": ".triton_attention", "rms_norm_triton": ".triton_rms_norm"}
+_TRITON = {"attention_triton": ".triton_attention", "attention_with_past_triton": ".triton_attention",
+           "rms_norm_triton": ".triton_rms_norm"}
 
 
 def __getattr__(name):
@@ -28,7 +32,13 @@ def _triton(name):
     return globals().get(name) or __getattr__(name)
 
 
-__all__ = ["rms_norm", "attention", "rms_norm_torch", "attention_torch", "rms_norm_triton", "attention_triton"]
+__all__ = ["cu_seqlens", "rms_norm", "attention", "attention_with_past", "rms_norm_torch", "attention_torch",
+           "attention_with_past_torch", "rms_norm_triton", "attention_triton", "attention_with_past_triton"]
+
+
+def cu_seqlens(lengths: list[int], device=None) -> torch.Tensor:
+    """The kernels' sequence boundaries: int32 (len(lengths) + 1,) offsets, 0 first."""
+    return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
 
 
 def _use_triton(x):
@@ -50,3 +60,9 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
     """Attention over packed sequences: q (total, n_heads, d), k, v (total, n_kv_heads, d)."""
     fn = _triton("attention_triton") if _use_triton(q) else attention_torch
     return fn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+def attention_with_past(q, k, v, cu_seqlens, past, scale=None):
+    """Causal attention of each sequence over `past[i]` = (k, v) of its cached prefix, then itself."""
+    fn = _triton("attention_with_past_triton") if _use_triton(q) else attention_with_past_torch
+    return fn(q, k, v, cu_seqlens, past, scale)

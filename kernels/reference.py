@@ -42,3 +42,23 @@ def attention_torch(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+def attention_with_past_torch(q, k, v, cu_seqlens, past, scale=None):
+    """Causal attention of each sequence's tokens over its cached prefix and itself (the document cache).
+
+    q: (total, n_heads, d); k, v: (total, n_kv_heads, d), sequences delimited by cu_seqlens as in
+    `attention_torch`; past[i] = (k, v) of shape (P_i, n_kv_heads, d), the keys and values of the
+    P_i tokens that come before sequence i. Query j of sequence i sees all P_i past keys and its own
+    keys 0..j. Returns (total, n_heads, d) in q's dtype.
+    """
+    out = q.new_empty(q.shape)  # row-major, as attention_torch
+    bounds = cu_seqlens.tolist()
+    for (s, e), (pk, pv) in zip(zip(bounds[:-1], bounds[1:]), past):
+        n, p = e - s, pk.shape[0]
+        ks, vs = torch.cat([pk, k[s:e]]), torch.cat([pv, v[s:e]])
+        mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                           attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != q.shape[1])
+        out[s:e] = o.transpose(0, 1)
+    return out

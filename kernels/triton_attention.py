@@ -6,9 +6,11 @@ one sequence, keeps them and the running output in registers, and streams the
 sequence's keys and values through in blocks of BLOCK_N with an online softmax, so
 the (L, L) score matrix never exists in memory.
 
-Sequences are packed back to back (no padding) and delimited by `cu_seqlens`; each
+Sequences lie back to back (no padding) and are delimited by `cu_seqlens`; each
 attends only to itself (block-diagonal), causally for the decoder and bidirectionally
-for the vision tower. head_dim need not be a power of two (the vision tower's is 80):
+for the vision tower. With `cu_seqlens_k` the keys have offsets of their own: sequence
+i's queries are the last of its keys (a cached prefix comes first), and query j sees
+keys 0 .. len_k - len_q + j. head_dim need not be a power of two (the vision tower's is 80):
 the tile is padded to the next power of two with masked loads and stores.
 """
 
@@ -24,7 +26,7 @@ from .triton_rms_norm import check_device
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi,
-                    offs_m, offs_n, d_mask, seqlen, qk_scale,
+                    offs_m, offs_n, d_mask, seqlen, causal_shift, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold keys/values [lo, hi) into the running softmax state (m_i, l_i, acc).
@@ -48,7 +50,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, 
         if MASKED:
             keep = offs_kn[None, :] < seqlen
             if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_kn[None, :])
+                keep = keep & (offs_m[:, None] + causal_shift >= offs_kn[None, :])
             # A row's first visited block always holds a key it may see (key 0, or its
             # own position), so m_ij is finite and masked scores give exp2(-inf) = 0, not NaN.
             qk = tl.where(keep, qk, float("-inf"))
@@ -66,23 +68,26 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, 
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, cu_seqlens, qk_scale,
+def _attn_fwd(Q, K, V, Out, cu_seqlens, cu_seqlens_k, qk_scale,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[i, h] = sum_j softmax_j(q[i, h] . k[j, h // GROUP] * scale) v[j, h // GROUP],
 
-    j over the sequence of i (and j <= i when CAUSAL). qk_scale = scale * log2(e), so
+    j over the keys of i's sequence (and j <= i + len_k - len_q when CAUSAL). qk_scale = scale * log2(e), so
     the softmax uses exp2. Grid: (query blocks, sequences, query heads).
     """
     start_m = tl.program_id(0) * BLOCK_M
     seq = tl.program_id(1)
     head = tl.program_id(2)
     seq_start = tl.load(cu_seqlens + seq).to(tl.int64)
-    seqlen = (tl.load(cu_seqlens + seq + 1) - seq_start).to(tl.int32)
-    if start_m >= seqlen:  # the grid is sized for the longest sequence
+    seqlen_q = (tl.load(cu_seqlens + seq + 1) - seq_start).to(tl.int32)
+    if start_m >= seqlen_q:  # the grid is sized for the longest sequence
         return
+    k_start = tl.load(cu_seqlens_k + seq).to(tl.int64)
+    seqlen = (tl.load(cu_seqlens_k + seq + 1) - k_start).to(tl.int32)  # keys
+    causal_shift = seqlen - seqlen_q  # a cached prefix's keys come before the sequence's own
     kv_head = head // GROUP  # the GROUP consecutive query heads of a kv group share it
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -90,9 +95,9 @@ def _attn_fwd(Q, K, V, Out, cu_seqlens, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two
     q_ptrs = Q + (seq_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :]
-    k_ptrs = K + (seq_start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
-    v_ptrs = V + (seq_start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
-    q_mask = (offs_m[:, None] < seqlen) & d_mask[None, :]
+    k_ptrs = K + (k_start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
+    v_ptrs = V + (k_start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
+    q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
 
     # The query block and the running state stay in registers for the whole loop.
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
@@ -106,16 +111,16 @@ def _attn_fwd(Q, K, V, Out, cu_seqlens, qk_scale,
     # Stage 2: the rest, masked: the diagonal blocks (causal) or the ragged tail.
     # Causal blocks past the diagonal are never visited.
     if CAUSAL:
-        full_hi = start_m  # BLOCK_M is a multiple of BLOCK_N, so this is block-aligned
-        masked_hi = tl.minimum(start_m + BLOCK_M, seqlen)
+        full_hi = (start_m + causal_shift) // BLOCK_N * BLOCK_N  # every row sees keys below its first row's
+        masked_hi = tl.minimum(start_m + causal_shift + BLOCK_M, seqlen)
     else:
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
         masked_hi = seqlen
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, full_hi,
-                                    offs_m, offs_n, d_mask, seqlen, qk_scale,
+                                    offs_m, offs_n, d_mask, seqlen, causal_shift, qk_scale,
                                     False, CAUSAL, BLOCK_N, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, full_hi, masked_hi,
-                                    offs_m, offs_n, d_mask, seqlen, qk_scale,
+                                    offs_m, offs_n, d_mask, seqlen, causal_shift, qk_scale,
                                     True, CAUSAL, BLOCK_N, UPCAST, DOT_PRECISION)
 
     # Epilogue: normalise once at the end instead of every step.
@@ -133,8 +138,9 @@ def _attn_fwd(Q, K, V, Out, cu_seqlens, qk_scale,
 _CONFIGS = {"half": (128, 64, 8, 3), "fp32": (32, 16, 4, 2), "interpret": (64, 32, 4, 1)}
 
 
-def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, config=None):
-    """Triton flash attention; same contract as `attention_torch`.
+def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, cu_seqlens_k=None, config=None):
+    """Triton flash attention; same contract as `attention_torch`. With `cu_seqlens_k`, k and v have
+    their own sequence offsets (see the module docstring): `attention_with_past_triton` uses it.
 
     q: (total, n_heads, d), k, v: (total, n_kv_heads, d), fp16/bf16/fp32, each
     contiguous in d; cu_seqlens: int32 (batch+1,) on q's device, with
@@ -148,7 +154,7 @@ def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, con
     total, n_heads, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-    if k.shape[0] != total:
+    if cu_seqlens_k is None and k.shape[0] != total:
         raise ValueError(f"attention: q has {total} tokens but k, v have {k.shape[0]}")
     if k.shape[2] != d:
         raise ValueError(f"attention: head_dim of q ({d}) and k, v ({k.shape[2]}) differ")
@@ -165,7 +171,11 @@ def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, con
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"attention: {name} must be contiguous in head_dim, got strides {t.stride()}")
-    check_device(_attn_fwd, q, k, v, cu_seqlens)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if cu_seqlens_k.shape != cu_seqlens.shape or cu_seqlens_k.dtype != torch.int32:
+        raise ValueError(f"attention: cu_seqlens_k must be int32 of shape {tuple(cu_seqlens.shape)}, got "
+                         f"{cu_seqlens_k.dtype} of shape {tuple(cu_seqlens_k.shape)}")
+    check_device(_attn_fwd, q, k, v, cu_seqlens, cu_seqlens_k)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if total == 0:
         return out
@@ -180,7 +190,7 @@ def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, con
     batch = cu_seqlens.numel() - 1
     grid = (triton.cdiv(int(max_seqlen), block_m), batch, n_heads)
     _attn_fwd[grid](
-        q, k, v, out, cu_seqlens, scale * math.log2(math.e),
+        q, k, v, out, cu_seqlens, cu_seqlens_k, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=n_heads // n_kv_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
@@ -188,3 +198,17 @@ def attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, *, con
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32-exact products out
         num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def attention_with_past_triton(q, k, v, cu_seqlens, past, scale=None):
+    """Triton flash attention over each sequence's cached prefix and itself; same contract as
+    `attention_with_past_torch`. The prefix keys/values are laid before each sequence's own."""
+    bounds = cu_seqlens.tolist()
+    ks, vs, lengths = [], [], []
+    for (s, e), (pk, pv) in zip(zip(bounds[:-1], bounds[1:]), past):
+        ks += [pk, k[s:e]]
+        vs += [pv, v[s:e]]
+        lengths.append(pk.shape[0] + e - s)
+    cu_k = torch.tensor([0, *lengths], device=q.device).cumsum(0, dtype=torch.int32)
+    max_q = max((e - s for s, e in zip(bounds[:-1], bounds[1:])), default=0)
+    return attention_triton(q, torch.cat(ks), torch.cat(vs), cu_seqlens, max(max_q, 1), True, scale, cu_seqlens_k=cu_k)

@@ -78,7 +78,7 @@ def cmd_demo(args) -> None:
 
     model = args.model
     if model is None:
-        from weights.writer import write_random_checkpoint
+        from m0lite.fixtures.random_checkpoint import write_random_checkpoint
 
         model = Path(args.cache).expanduser() / "demo-tiny"
         if not (model / "model.safetensors").exists():

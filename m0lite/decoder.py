@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from m0lite import kernels
 
 from .config import TextConfig
 from .linear import Linear, rowwise

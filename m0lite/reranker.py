@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import TensorLRU, tensor_key
+from .caches import TensorLRU, tensor_key
 from .errors import InputError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
 from .linear import pack_linears, packable
@@ -135,8 +135,8 @@ class Reranker:
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False, **kwargs) -> "Reranker":
         """Load from a local checkpoint folder or a hub repo id (downloaded once, then cached).
         compile=True (CPU only): torch.compile the blocks; faster images, a slower first call."""
-        from weights.hub import resolve
-        from weights.loader import load_model
+        from m0lite.weights.hub import resolve
+        from m0lite.weights.loader import load_model
 
         dev = resolve_device(device)
         if compile and dev.type != "cpu":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from m0lite import kernels
 
 from .config import VisionConfig
 from .linear import Linear, rowwise

@@ -14,7 +14,7 @@ torch.manual_seed(0)
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The default tiny config (GQA 4/2, 2 layers, mrope [2, 3, 3], a 2-block vision tower), fp32."""
-    from weights.writer import write_random_checkpoint
+    from m0lite.fixtures.random_checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
 

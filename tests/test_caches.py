@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from m0lite import Reranker
-from m0lite.cache import TensorLRU
+from m0lite.caches import TensorLRU
 from m0lite.prompt import Side, build_prompt
 
 QUERIES = ["slm markdown", "数据提取", "\nstarts with a newline", "what is the gold rush?"]

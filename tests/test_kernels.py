@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
+from m0lite import kernels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -131,7 +131,21 @@ def check_dispatch_forces_triton():
             os.environ["M0LITE_KERNELS"] = before
 
 
-CHECKS = {f.__name__: f for f in (check_attention, check_rms_norm, check_dispatch_forces_triton)}
+def check_attention_with_past(lens, past_lens, n_heads, n_kv_heads, head_dim, dtype, seed=0):
+    """The document cache's attention: each sequence over its cached prefix's keys/values, then itself."""
+    q, k, v, cu = packed_qkv(lens, n_heads, n_kv_heads, head_dim, dtype, seed, DEVICE)
+    _, pk, pv, pcu = packed_qkv(past_lens, n_heads, n_kv_heads, head_dim, dtype, seed + 1, DEVICE)
+    bounds = pcu.tolist()
+    past = [(pk[s:e], pv[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    out = kernels.attention_with_past_triton(q, k, v, cu, past)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = kernels.attention_with_past_torch(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(),
+                                            [(a.cpu().float(), b.cpu().float()) for a, b in past])
+    torch.testing.assert_close(out.cpu().float(), ref, **ATTN_TOL[dtype])
+
+
+CHECKS = {f.__name__: f for f in (check_attention, check_attention_with_past, check_rms_norm,
+                                  check_dispatch_forces_triton)}
 
 
 class InterpreterWorker:
@@ -226,6 +240,31 @@ def test_attention_kernel_other_tiles(run_check, config, causal):
               causal=causal, dtype="fp16", config=config)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,past_lens", [([1, 7], [40, 0]), ([131, 5, 64], [3, 200, 77])],
+                         ids=["short", "mixed"])
+def test_attention_with_past_kernel(run_check, lens, past_lens, dtype):
+    """Cached prefixes of any length (none, shorter or longer than a tile) before new tokens."""
+    run_check("check_attention_with_past", lens=lens, past_lens=past_lens, n_heads=6, n_kv_heads=2,
+              head_dim=128, dtype=dtype)
+    run_check("check_attention_with_past", lens=lens, past_lens=past_lens, n_heads=2, n_kv_heads=2,
+              head_dim=80, dtype=dtype)
+
+
+def test_attention_with_past_twin_is_attention_over_the_whole(dtype="fp32"):
+    """Attending over a prefix's keys then the rest's equals causal attention over prefix + rest."""
+    whole_lens, split = [50, 9, 30], [20, 0, 29]
+    q, k, v, cu = packed_qkv(whole_lens, 4, 2, 64, dtype)
+    whole = kernels.attention_torch(q, k, v, cu, max(whole_lens), True)
+    bounds = cu.tolist()
+    rest = [(s + p, e) for (s, e), p in zip(zip(bounds[:-1], bounds[1:]), split)]
+    idx = torch.cat([torch.arange(s, e) for s, e in rest])
+    past = [(k[s:s + p], v[s:s + p]) for s, p in zip(bounds[:-1], split)]
+    cu_rest = kernels.cu_seqlens([e - s for s, e in rest])
+    got = kernels.attention_with_past_torch(q[idx], k[idx], v[idx], cu_rest, past)
+    torch.testing.assert_close(got, whole[idx], atol=1e-5, rtol=1e-5)
+
+
 def test_attention_kernel_empty_input(run_check):
     run_check("check_attention", lens=[0], n_heads=2, n_kv_heads=1, head_dim=64, causal=True, dtype="fp32")
 
@@ -264,8 +303,8 @@ def test_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    attention_module = importlib.import_module("kernels.triton_attention")
-    rms_module = importlib.import_module("kernels.triton_rms_norm")
+    attention_module = importlib.import_module("m0lite.kernels.triton_attention")
+    rms_module = importlib.import_module("m0lite.kernels.triton_rms_norm")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
 
@@ -284,7 +323,7 @@ def test_kernels_compile_for_hopper():
         (dict(GROUP=1, HEAD_DIM=80, BLOCK_D=128, CAUSAL=False), attention_module._CONFIGS["half"]),   # vision
     ]:
         block_m, block_n, num_warps, num_stages = tiles
-        lower(attention_module._attn_fwd, {**qkvo, "cu_seqlens": "*i32"},
+        lower(attention_module._attn_fwd, {**qkvo, "cu_seqlens": "*i32", "cu_seqlens_k": "*i32"},
               dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, DOT_PRECISION="tf32"),
               num_warps=num_warps, num_stages=num_stages)
     lower(rms_module._rms_norm_fwd, {n: "*bf16" for n in "XRWYH"}, dict(HAS_RESIDUAL=True, BLOCK=2048), num_warps=8)
@@ -369,7 +408,7 @@ def test_dispatch_forced_triton_runs_kernels(run_check):
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    attention_module = importlib.import_module("kernels.triton_attention")
+    attention_module = importlib.import_module("m0lite.kernels.triton_attention")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("M0LITE_KERNELS", "triton")

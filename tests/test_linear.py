@@ -13,7 +13,7 @@ from m0lite import InputError, Reranker
 from m0lite import linear
 from m0lite.linear import Linear, pack_linears, packable, rowwise
 from tests.reference import Reference
-from weights.safetensors_mmap import read_tensors
+from m0lite.weights.safetensors_mmap import read_tensors
 
 needs_packing = pytest.mark.skipif(not packable(torch.device("cpu"), torch.bfloat16),
                                    reason="this CPU has no native bf16 for oneDNN (packing is off here, as in use)")

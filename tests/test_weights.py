@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from m0lite import Reranker, WeightsError
 from m0lite.config import ModelConfig
-from weights.loader import expected_tensors, load_model
-from weights.writer import TINY_CONFIG, write_random_checkpoint
+from m0lite.weights.loader import expected_tensors, load_model
+from m0lite.fixtures.random_checkpoint import TINY_CONFIG, write_random_checkpoint
 
 PAIRS = [["what is m0lite", "a small reranker"], ["数据", "Daten über Daten"]]
 
