@@ -4,7 +4,7 @@ On CPU m0lite and the transformers reference share their two biggest costs: the
 bf16 matmuls (oneDNN) and torch's flash attention kernel. This script measures
 how much of a layer each takes, on the real model (the full-size random
 checkpoint of bench_e2e.py, every weight packed as in a long-lived process) and
-on real inputs: text8's batch (8 prompts of 277 tokens) through one decoder
+on real inputs (the fast form of the blocks, unpacked where packing is off): text8's batch (8 prompts of 277 tokens) through one decoder
 layer; one image2 page (2,976 patches) and image4's four small images (1,784
 patches) through one vision block. Stages, timed in turns (a shared VM's speed
 drifts over minutes, so each round times every stage once):
@@ -39,20 +39,24 @@ import torch  # noqa: E402
 from bench.bench_e2e import ensure_checkpoint, matmul_tflops  # noqa: E402
 from bench.common import device_name, print_table, write_csv  # noqa: E402
 from bench.e2e_worker import make_workload  # noqa: E402
-from m0lite import Reranker  # noqa: E402
-from m0lite.linear import PACK_ROWS, rowwise  # noqa: E402
+from m0lite import Reranker, kernels  # noqa: E402
+from m0lite.transforms import chunked  # noqa: E402
+from m0lite.transforms.chunked import rowwise  # noqa: E402
+from m0lite.transforms.epilogue import PlainLinear  # noqa: E402
+from m0lite.transforms.onednn import CHUNK_ROWS  # noqa: E402
 
 
 def matmul_calls(block) -> list[list[tuple[torch.nn.Module, str]]]:
-    """(linear, method) of every matmul the block runs, as its forward calls them: one list per row-wise
-    half (before attention, after it), each run chunk by chunk, so that the weights are read as often."""
+    """(linear, method) of every matmul a block in its fast form (transforms/chunked.py) runs, as its forward
+    calls them: one list per row-wise half (before attention, after it), each run chunk by chunk, so that the
+    weights are read as often."""
     if hasattr(block, "self_attn"):  # a decoder layer
         a, m = block.self_attn, block.mlp
         return [[(a.q_proj, "forward"), (a.k_proj, "forward"), (a.v_proj, "forward")],
                 [(a.o_proj, "forward"), (m.gate_proj, "silu"), (m.up_proj, "mul"), (m.down_proj, "add")]]
     a, m = block.attn, block.mlp
-    # Packed, fc1 runs QuickGELU as a fused swish (see VisionMLP); unpacked, the activation is separate.
-    return [[(a.qkv, "forward")], [(a.proj, "add"), (m.fc1, "forward" if m.fc1.packed is None else "silu"), (m.fc2, "add")]]
+    # fc1 runs QuickGELU as a swish on scaled weights (see chunked.py).
+    return [[(a.qkv, "forward")], [(a.proj, "add"), (m.fc1, "silu"), (m.fc2, "add")]]
 
 
 def attention(block):
@@ -75,7 +79,7 @@ def capture(rr: Reranker, block, workload: str, folder: Path, pairs_slice=slice(
 def stages(block, args) -> dict:
     """name -> a function running that stage once over the captured inputs."""
     x = args[0]
-    n, attn = x.shape[0], attention(block)
+    n = x.shape[0]
     q, k, v = rowwise(block._qkv, *args[:3])
     cu, max_len = args[3], args[4]
     halves = []
@@ -89,11 +93,13 @@ def stages(block, args) -> dict:
 
     def matmuls():
         for calls in halves:
-            for s in range(0, n, PACK_ROWS):
+            for s in range(0, n, CHUNK_ROWS):
                 for fn, inp, other in calls:
-                    fn(inp[s:s + PACK_ROWS]) if other is None else fn(inp[s:s + PACK_ROWS], other[s:s + PACK_ROWS])
+                    fn(inp[s:s + CHUNK_ROWS]) if other is None else fn(inp[s:s + CHUNK_ROWS], other[s:s + CHUNK_ROWS])
 
-    return {"whole": lambda: block(*args), "attention": lambda: attn(q, k, v, cu, max_len), "matmuls": matmuls}
+    causal = hasattr(block, "self_attn")
+    return {"whole": lambda: block(*args), "attention": lambda: kernels.attention(q, k, v, cu, max_len, causal),
+            "matmuls": matmuls}
 
 
 def flops(block, args) -> tuple[float, float]:
@@ -116,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = opts.ckpt or ensure_checkpoint(quick=False)
     rr = Reranker.from_pretrained(folder, dtype=torch.bfloat16)
     packed = rr.pack()
+    for tower in (rr.model.model, rr.model.visual):  # without packing (no native bf16): the fast form unpacked
+        chunked.apply(tower, PlainLinear)
     roof = matmul_tflops("bf16", opts.threads)
     print(f"{device_name()}, {opts.threads} threads, torch {torch.__version__}, bf16; packed: {', '.join(packed) or 'none'}; "
           f"dense 2048^3 matmul: {roof:.2f} TFLOP/s")

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class TensorLRU:
@@ -67,3 +70,21 @@ def tensor_key(*parts) -> bytes:
         else:
             h.update(repr(p).encode())
     return h.digest()
+
+
+def through_cache(items: Sequence[T], key: Callable[[T], Hashable], cache: TensorLRU | None,
+                  compute: Callable[[list[T]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The tensor of each item, in order: from the cache, else from one `compute` call over the distinct
+    missing items (an item that appears twice is computed once), which then fills the cache."""
+    found = {}
+    for it in items:
+        k = key(it)
+        if k not in found and cache is not None and (hit := cache.get(k)) is not None:
+            found[k] = hit
+    todo = list({key(it): it for it in items if key(it) not in found}.values())
+    if todo:
+        for it, t in zip(todo, compute(todo)):
+            found[key(it)] = t
+            if cache is not None:
+                cache.put(key(it), t)
+    return [found[key(it)] for it in items]

@@ -3,7 +3,7 @@
 The reranker is Qwen2-VL without its language-model head: the final-norm hidden
 state of each sequence's last token (the score token, id 100) goes through
 score = Linear(hidden, hidden) -> ReLU -> Linear(hidden, 1), a raw relevance
-logit. Sequences arrive packed (see `PackedBatch`), never padded.
+logit. Sequences arrive side by side in a `RaggedBatch`, never padded.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .decoder import Decoder
 from .rope import inv_freq, mrope_cos_sin
@@ -21,8 +21,9 @@ from .vision import VisionTower
 
 
 @dataclass
-class PackedBatch:
-    """Several token sequences side by side. Images are listed in order of appearance in input_ids."""
+class RaggedBatch:
+    """Token sequences of any lengths side by side, without padding (their boundaries in cu_seqlens).
+    Images are listed in order of appearance in input_ids."""
 
     input_ids: torch.Tensor  # (tokens,) int64
     positions: torch.Tensor  # (3, tokens) M-RoPE position ids
@@ -31,12 +32,12 @@ class PackedBatch:
     grids: list[tuple[int, int, int]]  # (t, h, w) patch grid of each image
 
     @classmethod
-    def pack(cls, ids: list[list[int]], positions: list[torch.Tensor], grids: list[list[tuple[int, int, int]]]) -> "PackedBatch":
+    def of(cls, ids: list[list[int]], positions: list[torch.Tensor], grids: list[list[tuple[int, int, int]]]) -> "RaggedBatch":
         lengths = [len(p) for p in ids]
         return cls(
             input_ids=torch.tensor([i for p in ids for i in p], dtype=torch.long),
             positions=torch.cat(positions, dim=1),
-            cu_seqlens=F.pad(torch.tensor(lengths).cumsum(0, dtype=torch.int32), (1, 0)),
+            cu_seqlens=kernels.cu_seqlens(lengths),
             max_seqlen=max(lengths),
             grids=[g for gs in grids for g in gs],
         )
@@ -51,13 +52,6 @@ class JinaReranker(nn.Module):
         h = cfg.text.hidden_size
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
 
-    def compile_blocks(self) -> None:
-        """torch.compile each vision block and decoder layer (one graph per block type, dynamic shapes).
-        On CPU it fuses the elementwise work around the matmuls (rotary, norms, activations); it pays
-        where that work is large (the vision tower), at the cost of compiling on the first call."""
-        for block in [*self.visual.blocks, *self.model.layers]:
-            block.forward = torch.compile(block.forward, dynamic=True)
-
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
@@ -66,7 +60,7 @@ class JinaReranker(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
-    def _inputs(self, batch: PackedBatch, image_embeds: torch.Tensor | None):
+    def _inputs(self, batch: RaggedBatch, image_embeds: torch.Tensor | None):
         """Token embeddings with the visual tokens in the image slots, and the M-RoPE cos/sin."""
         dev, cfg = self.device, self.cfg
         input_ids = batch.input_ids.to(dev)
@@ -82,13 +76,13 @@ class JinaReranker(nn.Module):
         return h, cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen
 
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, batch: RaggedBatch, image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden): the tokens of the batch's
         images, in order (see `VisionTower`). `past`: per sequence, keys/values of a prefix it continues."""
         last = self.model(*self._inputs(batch, image_embeds), past=past)
         return self.score(last).squeeze(-1).float()
 
     @torch.inference_mode()
-    def prefill(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def prefill(self, batch: RaggedBatch, image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per sequence, the (layers, 2, tokens, kv_heads, head_dim) keys and values of all its tokens."""
         return self.model.prefill(*self._inputs(batch, image_embeds))

@@ -68,6 +68,11 @@ class Prompt:
     prefix_len: int = 0
 
 
+def default_max_doc_length(max_length: int, max_query_length: int) -> int:
+    """The original's max_doc_length when none is given."""
+    return max(max_length - max_query_length, max_query_length)
+
+
 def cut_document(tok: Tokenizer, doc: str, max_doc_length: int) -> str:
     """The original's document truncation: a document of max_doc_length tokens or more is cut to
     max_doc_length tokens and decoded back to text (re-encoding inside the prompt may differ at the edge)."""

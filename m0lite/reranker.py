@@ -1,28 +1,33 @@
 """The public API: `Reranker.from_pretrained(...)`, `compute_score(...)`, `rank(...)`.
 
 A pair goes: inputs (text, or an image loaded and cut into patches) -> prompt
-token ids (`prompt.py`) -> packed batches under a token budget -> model ->
-raw score -> optionally sigmoid(raw - 2.65). Packing (no padding) makes each
-pair's score independent of its batch, of batch_size and of order.
+token ids (prompt.py) -> sequences grouped into ragged batches under a token
+budget (batching.py), document prefixes and visual tokens looked up in their
+caches (caches.py) -> model -> raw score -> optionally sigmoid(raw - 2.65).
+Ragged batches have no padding, so each pair's score is independent of its
+batch, of batch_size and of order.
+
+The model's faster forms (m0lite/transforms) are chosen here, once, from the
+options `pack_weights`, `quantize` and `compile`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .caches import TensorLRU, tensor_key
+from . import transforms
+from .batching import Prepared, Prefix, budget_groups, ragged, sequence
+from .caches import TensorLRU, through_cache
 from .errors import InputError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
-from .linear import pack_linears, packable
-from .model import JinaReranker, PackedBatch
-from .prompt import Side, Tokenizer, build_prompt, check_text
-from .rope import mrope_positions
+from .model import JinaReranker
+from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
+from .transforms import int8
 
-# Packing a tower's weights (linear.py) costs about 1 s once at full size (the decoder: 0.9 s to lay out
+# Packing a tower's weights (transforms.pack_weights) costs about 1 s once at full size (the decoder: 0.9 s to lay out
 # 2.6 GB, then new oneDNN kernels on the first pass) and makes each later pass about 1.2x faster, which
 # wins the second back after some 3,000 tokens. So, as one rents skis until the rent would have bought
 # them, a tower is packed once it has run this many rows (tokens or patches) in all: a short-lived
@@ -33,15 +38,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-@dataclass
-class _Input:
-    """One prepared side of a pair: text, or an image's patches and grid."""
-
-    side: Side
-    pixels: torch.Tensor | None = None
-    key: bytes | None = None  # digest of the pixels, for the visual-token cache
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls then run several times faster than fp32 (without, far slower)."""
     try:
@@ -49,40 +45,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-@dataclass
-class _Prefix:
-    """A document part ("**Document**:\n{doc}\n**Query**:\n") whose keys/values the document cache holds."""
-
-    key: bytes  # digest of its token ids and its image's pixels
-    ids: list[int]
-    positions: torch.Tensor
-    images: list[_Input]
-
-
-@dataclass
-class _Seq:
-    """What one pair runs through the decoder: its whole prompt, or the rest after a cached prefix."""
-
-    ids: list[int]
-    positions: torch.Tensor  # (3, len(ids)) M-RoPE positions, counted from the prompt's start
-    images: list[_Input]  # the images among ids, in order
-    prefix: _Prefix | None = None
-
-
-def pack_greedy(sizes: list[int], max_items: int, max_total: int):
-    """Consecutive indices in groups of at most max_items and a total size of at most max_total
-    (an item larger than max_total goes alone)."""
-    group, total = [], 0
-    for i, n in enumerate(sizes):
-        if group and (len(group) == max_items or total + n > max_total):
-            yield group
-            group, total = [], 0
-        group.append(i)
-        total += n
-    if group:
-        yield group
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -108,6 +70,11 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+def rank_order(scores: list[float]) -> list[int]:
+    """Indices of `scores` best first; ties keep their input order."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
 class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
@@ -115,40 +82,56 @@ class Reranker:
                  pack_weights: bool | None = None):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
-        pack_weights: lay the weights out for oneDNN (bf16 on CPU, see linear.py): None packs each tower
-        once it has run PACK_AFTER_ROWS rows, True at once, False never."""
+        pack_weights: the CPU fast path for bf16 (transforms.pack_weights): None packs each tower once
+        it has run PACK_AFTER_ROWS rows, True at once, False never. An int8 model (see `quantize` in
+        from_pretrained) runs its fast form from the start and takes no packing."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.max_batch_tokens = max_batch_tokens  # packed tokens per forward pass (bounds activation memory)
+        self.max_batch_tokens = max_batch_tokens  # tokens per forward pass (bounds activation memory)
         self.max_vision_patches = max_vision_patches  # patches per vision-tower pass
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
-        can_pack = packable(model.device, model.dtype)
+        self.quantized = int8.is_quantized(model)
+        can_pack = transforms.packable(model.device, model.dtype) and not self.quantized
         if pack_weights and not can_pack:
-            raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {model.dtype} on {model.device}")
+            why = "an int8 model" if self.quantized else f"{model.dtype} on {model.device}"
+            raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {why}")
         self._packing = can_pack and pack_weights is not False
         self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet packed, the rows it has run
         if pack_weights:
             self.pack()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False, **kwargs) -> "Reranker":
+    def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False,
+                        quantize: str | None = None, int8_compute: str = "auto", **kwargs) -> "Reranker":
         """Load from a local checkpoint folder or a hub repo id (downloaded once, then cached).
-        compile=True (CPU only): torch.compile the blocks; faster images, a slower first call."""
-        from m0lite.weights.hub import resolve
-        from m0lite.weights.loader import load_model
+        compile=True (CPU only): torch.compile the blocks; faster images, a slower first call.
+        quantize="int8": int8 weights in every linear of both towers, a lossy mode (see
+        transforms/int8.py and README); a checkpoint written by `m0lite quantize` loads as int8
+        without it. int8_compute: "auto" (int8 x int8 where the CPU has int8 matmul units, else
+        weight-only), "dynamic" or "weight-only"."""
+        from .weights.hub import resolve
+        from .weights.loader import load_model
 
         dev = resolve_device(device)
         if compile and dev.type != "cpu":
             raise InputError("compile=True is for the CPU path; on CUDA the Triton kernels already fuse attention and norms")
+        if quantize not in (None, "int8"):
+            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
         folder = resolve(name_or_path)
         model = load_model(folder, resolve_dtype(dtype, dev), dev)
+        if quantize and not int8.is_quantized(model):
+            int8.quantize(model)
+        if int8.is_quantized(model):
+            if compile:
+                raise InputError("compile=True does not take an int8 model; choose one")
+            int8.prepare(model, int8.resolve_compute(int8_compute, dev))
         if compile:
             # Compiled graphs fuse the elementwise work themselves and cannot take packed (opaque) weights.
             if kwargs.get("pack_weights"):
                 raise InputError("compile=True and pack_weights=True do not go together; choose one")
             kwargs["pack_weights"] = False
-            model.compile_blocks()
+            transforms.compile_blocks(model)
         return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
 
     def _towers(self) -> dict[str, torch.nn.Module]:
@@ -168,10 +151,10 @@ class Reranker:
 
     def _pack(self, tower: torch.nn.Module) -> None:
         if tower in self._rows_run:
-            pack_linears(tower)
+            transforms.pack_weights(tower)
             del self._rows_run[tower]
 
-    def _maybe_pack(self, tower: torch.nn.Module, rows: int) -> None:
+    def _before_pass(self, tower: torch.nn.Module, rows: int) -> None:
         """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see
         PACK_AFTER_ROWS)."""
         if not self._packing or tower not in self._rows_run:
@@ -182,7 +165,7 @@ class Reranker:
 
     # ---- inputs -------------------------------------------------------------------------------
 
-    def _prepare(self, x, kind: str | None, what: str, allow_empty: bool) -> _Input:
+    def _prepare(self, x, kind: str | None, what: str, allow_empty: bool) -> Prepared:
         """A query or document -> text or preprocessed image. kind "text"/"image" forces the reading
         of a str (compute_score's query_type/doc_type); with kind None a str is text."""
         if isinstance(x, dict):
@@ -195,23 +178,24 @@ class Reranker:
         elif kind is None:
             kind = "text" if isinstance(x, str) else "image"
         if kind == "text":
-            return _Input(Side(text=check_text(x, what, allow_empty)))
+            return Prepared(Side(text=check_text(x, what, allow_empty)))
         if kind != "image":
             raise InputError(f"{what}: type must be 'text' or 'image', got {kind!r}")
         try:
             pixels, grid = preprocess(load_image(x), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         except InputError as e:
             raise type(e)(f"{what}: {e}") from None
-        return _Input(Side(grid=grid), pixels)
+        return Prepared(Side(grid=grid), pixels)
 
     # ---- scoring ------------------------------------------------------------------------------
 
-    def _score(self, pairs: list[tuple[_Input, _Input]], *, batch_size: int, max_length: int, max_doc_length: int,
+    def _score(self, pairs: list[tuple[Prepared, Prepared]], *, batch_size: int, max_length: int, max_doc_length: int,
                show_progress: bool = False) -> tuple[list[float], list[int]]:
         """Raw scores and prompt lengths of prepared pairs, in order."""
         if max_length < 2:
             raise InputError(f"max_length must be at least 2, got {max_length}")
-        merge = self.model.cfg.vision.spatial_merge_size
+        cfg = self.model.cfg
+        merge = cfg.vision.spatial_merge_size
         use_doc_cache = self.doc_cache is not None
         prompts = [build_prompt(self.tokenizer, q.side, d.side, max_length=max_length, max_doc_length=max_doc_length,
                                 merge=merge, split_prefix=use_doc_cache) for q, d in pairs]
@@ -219,79 +203,51 @@ class Reranker:
         scores: list[float] = [math.nan] * len(pairs)
         # Every pass reads all the weights once, so few large passes beat many small ones (most of all
         # when cached documents leave only the queries' tokens to run).
-        batches = list(pack_greedy([len(p.input_ids) for p in prompts], batch_size, self.max_batch_tokens))
+        batches = list(budget_groups([len(p.input_ids) for p in prompts], batch_size, self.max_batch_tokens))
         if show_progress:
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="scoring", unit="batch")
         for idx in batches:
-            seqs = [self._seq(prompts[i], images[i], pairs[i][1].pixels is not None, merge) for i in idx]
+            seqs = [sequence(prompts[i], images[i], pairs[i][1].pixels is not None, cfg.image_token_id, merge)
+                    for i in idx]
             past = self._prefixes([s.prefix for s in seqs]) if use_doc_cache else None
-            batch = PackedBatch.pack([s.ids for s in seqs], [s.positions for s in seqs], [[im.side.grid for im in s.images] for s in seqs])
-            self._maybe_pack(self.model.model, batch.input_ids.numel())
+            batch = ragged(seqs)
+            self._before_pass(self.model.model, batch.input_ids.numel())
             for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s.images]), past).tolist()):
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
 
-    def _seq(self, prompt, images: list[_Input], doc_is_image: bool, merge: int) -> _Seq:
-        """The whole prompt, or, when its document part can be cached, that part and the rest."""
-        pos = mrope_positions(prompt.input_ids, prompt.grids, self.model.cfg.image_token_id, merge)
-        n = prompt.prefix_len
-        if not n:
-            return _Seq(prompt.input_ids, pos, images)
-        doc_images = images[:1] if doc_is_image else []
-        key = tensor_key(prompt.input_ids[:n], *[self._image_key(im) for im in doc_images])
-        prefix = _Prefix(key, prompt.input_ids[:n], pos[:, :n], doc_images)
-        return _Seq(prompt.input_ids[n:], pos[:, n:], images[len(doc_images):], prefix)
-
-    def _image_key(self, im: _Input) -> bytes:
-        if im.key is None:
-            im.key = tensor_key(im.pixels, im.side.grid)
-        return im.key
-
-    def _visual_tokens(self, images: list[_Input]) -> torch.Tensor | None:
+    def _visual_tokens(self, images: list[Prepared]) -> torch.Tensor | None:
         """Visual tokens of the images, in order: from the cache, else encoded (each distinct image once)."""
         if not images:
             return None
-        found = {}
-        for im in images:
-            key = self._image_key(im)
-            if key not in found and (hit := self.vision_cache.get(key) if self.vision_cache else None) is not None:
-                found[key] = hit
-        todo = list({self._image_key(im): im for im in images if self._image_key(im) not in found}.values())
-        merge = self.model.cfg.vision.spatial_merge_size
-        for group in self._vision_groups(todo):
-            self._maybe_pack(self.model.visual, sum(im.pixels.shape[0] for im in group))
-            out = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
-            for im, tokens in zip(group, out.split([num_visual_tokens(im.side.grid, merge) for im in group])):
-                found[im.key] = tokens
-                if self.vision_cache is not None:
-                    self.vision_cache.put(im.key, tokens)
-        return torch.cat([found[im.key] for im in images])
+        return torch.cat(through_cache(images, lambda im: im.key, self.vision_cache, self._encode))
 
-    def _vision_groups(self, images: list[_Input]):
-        """Images packed up to max_vision_patches per tower pass (a larger image goes alone): each image
-        attends only to itself, so grouping changes no result, and on CPU smaller passes keep the
-        (patches, 5120) activations in cache."""
-        for idx in pack_greedy([im.pixels.shape[0] for im in images], len(images), self.max_vision_patches):
-            yield [images[i] for i in idx]
+    def _encode(self, images: list[Prepared]) -> list[torch.Tensor]:
+        """Each image's visual tokens, images grouped up to max_vision_patches per tower pass (a larger image
+        goes alone): each image attends only to itself, so grouping changes no result, and on CPU smaller
+        passes keep the (patches, 5120) activations in cache."""
+        merge, out = self.model.cfg.vision.spatial_merge_size, []
+        for idx in budget_groups([im.pixels.shape[0] for im in images], len(images), self.max_vision_patches):
+            group = [images[i] for i in idx]
+            self._before_pass(self.model.visual, sum(im.pixels.shape[0] for im in group))
+            tokens = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
+            out += tokens.split([num_visual_tokens(im.side.grid, merge) for im in group])
+        return out
 
-    def _prefixes(self, prefixes: list[_Prefix | None]) -> list[torch.Tensor]:
+    def _prefixes(self, prefixes: list[Prefix | None]) -> list[torch.Tensor]:
         """Keys/values of each pair's document prefix (an empty one where there is none), from the cache
-        or computed in one packed pass (each distinct document once)."""
-        found = {}
-        for p in prefixes:
-            if p is not None and p.key not in found and (hit := self.doc_cache.get(p.key)) is not None:
-                found[p.key] = hit
-        todo = list({p.key: p for p in prefixes if p is not None and p.key not in found}.values())
-        if todo:
-            batch = PackedBatch.pack([p.ids for p in todo], [p.positions for p in todo], [[im.side.grid for im in p.images] for p in todo])
-            self._maybe_pack(self.model.model, batch.input_ids.numel())
-            for p, kv in zip(todo, self.model.prefill(batch, self._visual_tokens([im for p in todo for im in p.images]))):
-                found[p.key] = kv
-                self.doc_cache.put(p.key, kv)
+        or computed in one ragged pass (each distinct document once)."""
+        def prefill(todo: list[Prefix]) -> list[torch.Tensor]:
+            batch = ragged(todo)
+            self._before_pass(self.model.model, batch.input_ids.numel())
+            return self.model.prefill(batch, self._visual_tokens([im for p in todo for im in p.images]))
+
+        known = [p for p in prefixes if p is not None]
+        kv = iter(through_cache(known, lambda p: p.key, self.doc_cache, prefill))
         cfg = self.model.cfg.text
         empty = torch.empty(cfg.num_hidden_layers, 2, 0, cfg.num_key_value_heads, cfg.head_dim, dtype=self.model.dtype, device=self.model.device)
-        return [found[p.key] if p is not None else empty for p in prefixes]
+        return [next(kv) if p is not None else empty for p in prefixes]
 
     @staticmethod
     def normalize(raw: float) -> float:
@@ -309,7 +265,7 @@ class Reranker:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         if max_doc_length is None:
-            max_doc_length = max(max_length - max_query_length, max_query_length)
+            max_doc_length = default_max_doc_length(max_length, max_query_length)
         elif max_doc_length + max_query_length > max_length:
             raise InputError(f"max_doc_length ({max_doc_length}) + max_query_length ({max_query_length}) exceeds max_length ({max_length})")
         prepared = []
@@ -327,7 +283,7 @@ class Reranker:
                     batch_size: int = 32) -> tuple[list[float], list[int]]:
         """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
         image (str = text; PIL image, {"text": ...} or {"image": ...}). For servers batching many requests."""
-        max_doc_length = max(max_length - max_query_length, max_query_length)
+        max_doc_length = default_max_doc_length(max_length, max_query_length)
         prepared = [(self._prepare(q, None, f"pairs[{i}] query", False), self._prepare(d, None, f"pairs[{i}] document", True))
                     for i, (q, d) in enumerate(pairs)]
         raw, lengths = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length)
@@ -343,15 +299,15 @@ class Reranker:
             raise InputError(f"top_n must be a positive int, got {top_n!r}")
         q = self._prepare(query, None, "query", False)
         prepared = [(q, self._prepare(d, None, f"documents[{i}]", True)) for i, d in enumerate(documents)]
-        max_doc_length = max(max_length - max_query_length, max_query_length)
+        max_doc_length = default_max_doc_length(max_length, max_query_length)
         raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
                              show_progress=show_progress)
-        results = [{"index": i, "relevance_score": self.normalize(s)} for i, s in enumerate(raw)]
+        scores = [self.normalize(s) for s in raw]
+        results = [{"index": i, "relevance_score": scores[i]} for i in rank_order(scores)[:top_n]]
         if return_documents:
             for r in results:
                 r["document"] = documents[r["index"]]
-        results.sort(key=lambda r: -r["relevance_score"])
-        return results[:top_n] if top_n else results
+        return results
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))

@@ -85,18 +85,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (tokens, heads, head_dim) rotated by cos/sin (tokens, head_dim), in cos's dtype."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     return x * cos + rotate_half(x) * sin
-
-
-def apply_rotary_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` in fp32 for x (tokens, heads, head_dim) whose rotary pairs (i, i + head_dim/2) are
-    stored side by side (dims 0, hd/2, 1, hd/2 + 1, ...): each pair is a complex number, rotated by one
-    complex multiply with rot (tokens, head_dim/2) = cos + i sin. In x's dtype, in the same paired order."""
-    t, h, d = x.shape
-    pairs = torch.view_as_complex(x.float().contiguous().view(t, h, d // 2, 2))
-    return torch.view_as_real(pairs * rot[:, None, :]).view(t, h, d).to(x.dtype)
-
-
-def pair_order(heads: int, head_dim: int) -> list[int]:
-    """The feature order that puts each rotary pair (i, i + head_dim/2) of every head side by side."""
-    half = head_dim // 2
-    return [h * head_dim + i + j * half for h in range(heads) for i in range(half) for j in (0, 1)]

@@ -7,24 +7,18 @@ with 2-D rotary attention that never crosses images (block-diagonal through
 (they are adjacent in the processor's order) into one visual token of the
 decoder's width. Module names equal the checkpoint's (`visual.blocks.N.attn.qkv`).
 
-Once its weights are packed (bf16 on CPU, see linear.py), the tower moves two
-elementwise steps into its matmuls: the rotary rotation (VisionAttention) and
-QuickGELU (VisionMLP). Unpacked, every step is the reference's own math.
+This file is the math, once; faster forms of a block (m0lite/transforms) replace
+blocks of a loaded model and keep `VisionBlock`'s signature.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from m0lite import kernels
-
+from . import kernels
 from .config import VisionConfig
-from .linear import Linear, rowwise
-from .rope import apply_rotary, apply_rotary_pairs, inv_freq, pair_order, vision_cos_sin, vision_positions
+from .rope import apply_rotary, inv_freq, vision_cos_sin, vision_positions
 
 
 class PatchEmbed(nn.Module):
@@ -32,45 +26,28 @@ class PatchEmbed(nn.Module):
         super().__init__()
         # The checkpoint stores a bias-free Conv3d with kernel = stride = (2, 14, 14); over one patch
         # that is a matmul over its 1176 values, so the loader reshapes the weight to (embed, 1176).
-        self.proj = Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
 
     def forward(self, x):
         return self.proj(x)
-
-
-@functools.cache  # one tuple shared by every block
-def _qkv_rows(heads: int, head_dim: int) -> tuple[int, ...]:
-    """qkv's output order when packed: queries and keys in rotary-pair order, values as they are."""
-    pairs, width = pair_order(heads, head_dim), heads * head_dim
-    return (*pairs, *(width + i for i in pairs), *range(2 * width, 3 * width))
 
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
-        self.proj = Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
-        # Once packed, qkv emits the query and key features of each rotary pair side by side, so that the
-        # rotation is one complex multiply: three passes instead of seven (one vision block ran ~8%
-        # faster). Queries and keys are permuted alike, so their dot products, and attention, are unchanged.
-        self.qkv.rows = _qkv_rows(cfg.num_heads, cfg.head_dim)
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def project(self, x, cos, sin):
-        """Rotated queries and keys, and values, of rows x: 3 x (P, nh, hd)."""
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        """(P, embed) -> (P, embed): attention within each image."""
         P = x.shape[0]
-        q, k, v = self.qkv(x).view(P, 3, self.n_heads, self.head_dim).unbind(1)
-        if self.qkv.packed is not None:  # queries and keys in pair order (see __init__)
-            rot = torch.complex(cos[:, : self.head_dim // 2], sin[:, : self.head_dim // 2])
-            return apply_rotary_pairs(q, rot), apply_rotary_pairs(k, rot), v
+        q, k, v = self.qkv(x).view(P, 3, self.n_heads, self.head_dim).unbind(1)  # 3 x (P, nh, hd)
         # The reference rotates in fp32 whatever the model dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return q, k, v
-
-    def forward(self, q, k, v, cu_seqlens, max_seqlen):
-        """Attention within each image, (P, nh * hd), before proj."""
-        return kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=False).flatten(1)
+        out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=False)
+        return self.proj(out.flatten(1))  # (P, nh * hd) -> (P, embed)
 
 
 QUICK_GELU = 1.702  # QuickGELU(u) = u * sigmoid(1.702 u)
@@ -80,22 +57,13 @@ class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1 = Linear(cfg.embed_dim, hidden)
-        self.fc2 = Linear(hidden, cfg.embed_dim)
-        # QuickGELU(u) = swish(1.702 u) / 1.702, and oneDNN fuses swish (silu) into a matmul but has no
-        # QuickGELU. So once packed, fc1 computes 1.702 u (its weight and bias scaled by 1.702) with swish
-        # fused, and fc2 takes the 1/1.702 into its weight. That spares three passes over the (rows, 5120)
-        # activations: one vision block ran 7-8% faster. The scaled weights are rounded to bf16 once, which
-        # moves a block's output by about as much as packing itself does (bf16 noise, ~2e-3 relative).
-        self.fc1.weight_scale = self.fc1.bias_scale = QUICK_GELU
-        self.fc2.weight_scale = 1 / QUICK_GELU
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
-    def forward(self, x, residual):
-        """residual + fc2(quick_gelu(fc1(x)))"""
-        if self.fc1.packed is not None:
-            return self.fc2.add(self.fc1.silu(x), residual)  # the scaled weights above
+    def forward(self, x):
+        """fc2(quick_gelu(fc1(x)))"""
         x = self.fc1(x)
-        return self.fc2.add(x * torch.sigmoid(QUICK_GELU * x), residual)
+        return self.fc2(x * torch.sigmoid(QUICK_GELU * x))
 
 
 class VisionBlock(nn.Module):
@@ -107,17 +75,8 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        """Everything but attention is row-wise and runs through `rowwise` (chunks on CPU in bf16)."""
-        a = self.attn(*rowwise(self._qkv, x, cos, sin), cu_seqlens, max_seqlen)
-        return rowwise(self._out, a, x)
-
-    def _qkv(self, x, cos, sin):
-        return self.attn.project(self.norm1(x), cos, sin)
-
-    def _out(self, a, x):
-        """x + proj(a), then the MLP block with its residual."""
-        x = self.attn.proj.add(a, x)
-        return self.mlp(self.norm2(x), residual=x)
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
@@ -125,7 +84,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.window = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(Linear(self.window, self.window), nn.GELU(), Linear(self.window, cfg.hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(self.window, self.window), nn.GELU(), nn.Linear(self.window, cfg.hidden_size))
 
     def forward(self, x):
         return self.mlp(self.ln_q(x).view(-1, self.window))  # (P/4, 4*embed) -> (P/4, hidden)
@@ -145,13 +104,12 @@ class VisionTower(nn.Module):
     def blocks_forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """Patches -> last block's hidden states (P, embed_dim), before the merger."""
         cfg = self.cfg
-        dtype = self.patch_embed.proj.weight.dtype
-        x = self.patch_embed(pixel_values.to(dtype))
+        x = self.patch_embed(pixel_values.to(self.merger.ln_q.weight.dtype))  # the model's dtype (norms stay float)
         freqs = inv_freq(cfg.head_dim // 2, cfg.rope_theta).to(x.device)
         cos, sin = vision_cos_sin(vision_positions(grid_thw, cfg.spatial_merge_size), freqs)
         # Each frame of each image is its own attention block.
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        cu_seqlens = F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(x.device)
+        cu_seqlens = kernels.cu_seqlens(lengths, x.device)
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max(lengths))
         return x

@@ -6,18 +6,21 @@ import torch
 
 from bench import bench_blocks
 from m0lite import Reranker
-from m0lite.linear import Linear
+from m0lite.transforms import chunked
+from m0lite.transforms.epilogue import EpilogueLinear, PlainLinear
 
 
 def test_matmul_calls_cover_every_linear_of_a_block(tiny_ckpt):
     # The "matmuls" stage must time exactly the block's own linear layers, each once, with a method
     # the block calls: if a block gains or loses a linear, the breakdown would silently drift.
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    for tower in (rr.model.model, rr.model.visual):
+        chunked.apply(tower, PlainLinear)
     for block in (rr.model.model.layers[0], rr.model.visual.blocks[0]):
         timed = [lin for half in bench_blocks.matmul_calls(block) for lin, _ in half]
         assert len(timed) == len(set(timed))
-        assert set(timed) == {m for m in block.modules() if isinstance(m, Linear)}
-        assert all(hasattr(Linear, method) for half in bench_blocks.matmul_calls(block) for _, method in half)
+        assert set(timed) == {m for m in block.modules() if isinstance(m, EpilogueLinear)}
+        assert all(hasattr(EpilogueLinear, method) for half in bench_blocks.matmul_calls(block) for _, method in half)
 
 
 def test_bench_blocks_runs(tiny_ckpt, tmp_path, capsys):

@@ -2,9 +2,12 @@
 
 The model is built on the meta device (no memory), then each tensor is
 assigned in place: as a zero-copy view on the memory-mapped file when its dtype
-and device are the ones asked for, else cast once. Every parameter must be filled exactly once with the right shape; a
-missing, unexpected or mis-shaped tensor, a non-float tensor or a corrupt file
-is an error naming the key and the file.
+and device are the ones asked for, else cast once. Every parameter must be
+filled exactly once with the right shape; a missing, unexpected or mis-shaped
+tensor, a tensor of the wrong kind of dtype or a corrupt file is an error naming
+the key and the file. A checkpoint written by `m0lite quantize` (config.json has
+`quantization_config`) is built with int8 layers (transforms/int8.py) and holds
+int8 weights and fp32 `weight_scale`s, checked the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
 from m0lite.model import JinaReranker
+from m0lite.transforms import int8
 
 from .safetensors_mmap import read_tensors
 
@@ -36,12 +40,33 @@ def checkpoint_shape(name: str, shape: torch.Size, cfg: ModelConfig) -> tuple[in
     return tuple(shape)
 
 
+def meta_model(cfg: ModelConfig, quantized: bool = False) -> JinaReranker:
+    """The model's structure without memory: every parameter on the meta device, to be assigned."""
+    with torch.device("meta"):
+        model = JinaReranker(cfg)
+    if quantized:
+        int8.quantize(model)
+    return model
+
+
 def expected_tensors(cfg: ModelConfig, model: JinaReranker | None = None) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape, derived from the modules themselves (their names are the keys)."""
-    if model is None:
-        with torch.device("meta"):
-            model = JinaReranker(cfg)
+    model = meta_model(cfg) if model is None else model
     return {n: checkpoint_shape(n, p.shape, cfg) for n, p in model.state_dict().items()}
+
+
+def is_quantized_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # ModelConfig.from_file reports it
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    if q is None:
+        return False
+    if not isinstance(q, dict) or {k: q.get(k) for k in ("quant_method", "weights")} != {"quant_method": "m0lite", "weights": "int8"}:
+        raise WeightsError(f"{folder / 'config.json'}: quantization_config {q!r} is not one m0lite reads "
+                           f"(expected quant_method 'm0lite', weights 'int8')")
+    return True
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -75,9 +100,9 @@ def read_checkpoint(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
 def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> JinaReranker:
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
-    with torch.device("meta"):
-        model = JinaReranker(cfg)  # no memory: every parameter is assigned from the file below
+    model = meta_model(cfg, is_quantized_checkpoint(folder))  # no memory: every tensor is assigned below
     expected = expected_tensors(cfg, model)
+    kinds = {n: p.dtype for n, p in model.state_dict().items()}
     files = read_checkpoint(folder)
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected))
@@ -90,13 +115,30 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     for name, (t, path) in files.items():
         if tuple(t.shape) != expected[name]:
             raise WeightsError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if kinds[name] == torch.int8:
+            if t.dtype != torch.int8:
+                raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected int8 (quantization_config)")
+            state[name] = t.to(device=device)
+            continue
         if t.dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected bf16, fp16 or fp32")
-        state[name] = t.to(device=device, dtype=dtype)  # a no-op (the mmap view itself) when nothing changes
+        # Scales stay fp32 whatever the model's dtype. A no-op (the mmap view itself) when nothing changes.
+        state[name] = t.to(device=device, dtype=torch.float32 if name.endswith(".weight_scale") else dtype)
+        if name.endswith(".weight_scale") and not bool(torch.isfinite(state[name]).all() and (state[name] > 0).all()):
+            raise WeightsError(f"{path}: tensor {name} holds scales that are not all finite and positive")
     state["visual.patch_embed.proj.weight"] = state["visual.patch_embed.proj.weight"].flatten(1)
 
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def to_checkpoint(model: JinaReranker) -> dict[str, torch.Tensor]:
+    """The model's tensors under the checkpoint's names and shapes (the published layout), for saving."""
+    cfg = model.cfg
+    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+    w = state["visual.patch_embed.proj.weight"]
+    state["visual.patch_embed.proj.weight"] = w.reshape(checkpoint_shape("visual.patch_embed.proj.weight", w.shape, cfg))
+    return state
 
 
 def our_name(key: str) -> str:

@@ -1,0 +1,48 @@
+"""Transforms: faster or smaller forms of a loaded model, applied from outside its math files.
+
+The model files (decoder.py, vision.py, model.py) hold the math once. A transform
+rewrites a loaded model by swapping its modules and rewriting their weights; the
+model's own loops then run the new modules unchanged. The reranker picks them
+once, from its options:
+
+- `pack_weights(tower)` (`pack_weights=`): the CPU fast path for bf16. Every block
+  of the tower in its chunked fast form (chunked.py) on linears whose weights are
+  laid out for oneDNN, with fused epilogues (onednn.py).
+- `int8.quantize(model, ...)` (`quantize="int8"`): int8 weights with per-channel
+  scales in every linear of both towers (int8.py); then the same chunked fast
+  form on the int8 linears.
+- `compile_blocks(model)` (`compile=True`): torch.compile of each block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import chunked
+from .onednn import OneDNNLinear, file_mappings, release_mapped_pages, usable
+
+__all__ = ["pack_weights", "packable", "compile_blocks"]
+
+packable = usable
+
+
+def pack_weights(tower: nn.Module) -> int:
+    """The tower's blocks in their fast form on oneDNN-packed bf16 weights; the blocks converted. The
+    mapped pages of the original weights are handed back, so resident memory does not grow."""
+    mapped, scratch = file_mappings(), {}
+
+    def make(lin: nn.Linear, **rewrite) -> OneDNNLinear:
+        fast = OneDNNLinear(lin, scratch=scratch, **rewrite)
+        release_mapped_pages(lin.weight, mapped)  # from now on only the packed copy is read
+        return fast
+
+    return chunked.apply(tower, make)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each vision block and decoder layer (one graph per block type, dynamic shapes).
+    On CPU it fuses the elementwise work around the matmuls (rotary, norms, activations); it pays
+    where that work is large (the vision tower), at the cost of compiling on the first call."""
+    for block in [*model.visual.blocks, *model.model.layers]:
+        block.forward = torch.compile(block.forward, dynamic=True)

@@ -1,4 +1,5 @@
-"""The CPU fast path: packed weights with fused epilogues, row-wise chunks, and giving mapped pages back."""
+"""The CPU fast path (m0lite/transforms): packed weights with fused epilogues, row-wise chunks, the vision
+rewrites, and giving mapped pages back."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from m0lite import InputError, Reranker
-from m0lite import linear
-from m0lite.linear import Linear, pack_linears, packable, rowwise
-from tests.reference import Reference
+from m0lite.transforms import chunked, onednn, pack_weights, packable
+from m0lite.transforms.chunked import FastDecoderLayer, FastVisionBlock, apply_rotary_pairs, pair_order, rowwise
+from m0lite.transforms.epilogue import PlainLinear
+from m0lite.transforms.onednn import CHUNK_ROWS, OneDNNLinear
 from m0lite.weights.safetensors_mmap import read_tensors
+from tests.reference import Reference
 
 needs_packing = pytest.mark.skipif(not packable(torch.device("cpu"), torch.bfloat16),
                                    reason="this CPU has no native bf16 for oneDNN (packing is off here, as in use)")
@@ -23,7 +26,7 @@ DOCS = ["ReaderLM-v2 converts raw HTML into markdown.", "数据提取是从非�
 
 
 def _linear(n_in, n_out, bias, dtype):
-    lin = Linear(n_in, n_out, bias=bias).to(dtype)
+    lin = torch.nn.Linear(n_in, n_out, bias=bias).to(dtype)
     with torch.no_grad():
         lin.weight.normal_(0, n_in**-0.5)
         if bias:
@@ -33,9 +36,10 @@ def _linear(n_in, n_out, bias, dtype):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_unpacked_methods_are_the_plain_math(bias):
-    lin = _linear(48, 80, bias, torch.float32)
+    plain = _linear(48, 80, bias, torch.float32)
+    lin = PlainLinear(plain)
     x, other = torch.randn(7, 48), torch.randn(7, 80)
-    y = F.linear(x, lin.weight, lin.bias)
+    y = F.linear(x, plain.weight, plain.bias)
     assert torch.equal(lin(x), y)
     assert torch.equal(lin.silu(x), F.silu(y))
     assert torch.equal(lin.mul(x, other), y * other)
@@ -46,10 +50,11 @@ def test_unpacked_methods_are_the_plain_math(bias):
 @pytest.mark.parametrize("rows", [0, 1, 5, 256, 300])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_methods_match_within_bf16_rounding(rows, bias):
-    lin = _linear(96, 160, bias, torch.bfloat16)
+    orig = _linear(96, 160, bias, torch.bfloat16)
+    lin = PlainLinear(orig)
     x, other = torch.randn(rows, 96).bfloat16(), torch.randn(rows, 160).bfloat16()
     plain = [lin(x), lin.silu(x), lin.mul(x, other), lin.add(x, other)]
-    lin.pack()
+    lin = OneDNNLinear(orig)
     assert lin.packed is not None
     packed = [lin(x), lin.silu(x), lin.mul(x, other), lin.add(x, other)]
     for p, q in zip(plain, packed):
@@ -63,11 +68,10 @@ def test_packed_methods_match_within_bf16_rounding(rows, bias):
 def test_packed_scales_move_into_the_weights():
     lin = _linear(96, 160, True, torch.bfloat16)
     x = torch.randn(40, 96).bfloat16()
-    lin.weight_scale, lin.bias_scale = 1.702, 3.0
-    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # unpacked: the scales play no part
-    lin.pack()
+    packed = OneDNNLinear(lin, weight_scale=1.702, bias_scale=3.0)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # the original layer is left as it was
     expected = F.linear(x.float(), lin.weight.float() * 1.702, lin.bias.float() * 3.0)
-    torch.testing.assert_close(lin(x).float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(packed(x).float(), expected, atol=0.05, rtol=0.02)
 
 
 @needs_packing
@@ -75,19 +79,22 @@ def test_packed_vision_mlp_is_quick_gelu():
     # Packed, fc1 runs with swish fused on weights scaled by 1.702 and fc2 takes the 1/1.702 back:
     # the result must still be residual + fc2(QuickGELU(fc1(x))), to bf16 rounding.
     from m0lite.config import VisionConfig
-    from m0lite.vision import VisionMLP
+    from m0lite.vision import VisionBlock
 
-    mlp = VisionMLP(VisionConfig(embed_dim=64, num_heads=4, depth=1, hidden_size=96)).bfloat16()
+    cfg = VisionConfig(embed_dim=64, num_heads=4, depth=1, hidden_size=96)
+    block = VisionBlock(cfg).bfloat16()
+    mlp = block.mlp
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, 0.3)
     x, res = torch.randn(300, 64).bfloat16(), torch.randn(300, 64).bfloat16()
     u = F.linear(x.float(), mlp.fc1.weight.float(), mlp.fc1.bias.float())
     exact = res.float() + F.linear(u * torch.sigmoid(1.702 * u), mlp.fc2.weight.float(), mlp.fc2.bias.float())
-    plain = mlp(x, res).float()
-    pack_linears(mlp)
-    assert mlp.fc1.packed is not None and mlp.fc2.packed is not None
-    packed = mlp(x, res).float()
+    plain = (res + mlp(x)).float()
+    fast = FastVisionBlock(block, OneDNNLinear)
+    assert isinstance(mlp.fc1, OneDNNLinear) and isinstance(mlp.fc2, OneDNNLinear)
+    packed = mlp.fc2.add(mlp.fc1.silu(x), res).float()  # how the fast block runs its MLP
+    assert fast.mlp is mlp
     # Packed is as close to the exact fp32 result as the plain bf16 path is.
     err = lambda y: ((y - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()  # noqa: E731
     assert err(packed) < 1.5 * err(plain) + 1e-3, (err(packed), err(plain))
@@ -95,7 +102,7 @@ def test_packed_vision_mlp_is_quick_gelu():
 
 
 def test_rotary_in_pair_order_is_the_same_rotation():
-    from m0lite.rope import apply_rotary, apply_rotary_pairs, pair_order
+    from m0lite.rope import apply_rotary
 
     heads, hd, n = 3, 80, 37
     order = pair_order(heads, hd)
@@ -130,16 +137,15 @@ def test_packed_vision_block_matches_the_plain_one():
         exact = block.float()(x.float(), cos, sin, cu, 320)
         block.bfloat16()
         plain = block(x, cos, sin, cu, 320).float()
-        pack_linears(block)
-        packed = block(x, cos, sin, cu, 320).float()
+        packed = FastVisionBlock(block, OneDNNLinear)(x, cos, sin, cu, 320).float()
     err = lambda y: ((y - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()  # noqa: E731
     assert err(plain) < 0.05 and err(packed) < 1.5 * err(plain) + 1e-3, (err(packed), err(plain))
 
 
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
 def test_rowwise_equals_the_whole(n, monkeypatch):
-    monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))  # chunk fp32 too, to compare tightly
-    lin = _linear(16, 24, True, torch.float32)
+    monkeypatch.setattr(chunked, "CHUNK_DTYPES", (torch.float32,))  # chunk fp32 too, to compare tightly
+    lin = PlainLinear(_linear(16, 24, True, torch.float32))
     x, y = torch.randn(n, 16), torch.randn(n, 24)
 
     def fn(a, b):
@@ -148,7 +154,7 @@ def test_rowwise_equals_the_whole(n, monkeypatch):
     calls = []
     whole = fn(x, y)
     parts = rowwise(lambda a, b: calls.append(a.shape[0]) or fn(a, b), x, y)
-    assert sum(calls) == n and max(calls, default=0) <= linear.PACK_ROWS
+    assert sum(calls) == n and max(calls, default=0) <= CHUNK_ROWS
     for w, p in zip(whole, parts):
         assert p.shape == w.shape
         torch.testing.assert_close(p, w, atol=1e-6, rtol=1e-6)
@@ -164,9 +170,12 @@ def test_rowwise_chunks_only_16_bit_cpu_work():
 
 
 def test_chunked_fp32_model_matches_reference(tiny_ckpt, tiny_reference, images_for_packing, monkeypatch):
-    """The row-wise chunks change no score: forced on in fp32, long prompts and a large image still match."""
-    monkeypatch.setattr(linear, "CHUNK_DTYPES", (torch.float32,))
+    """The fast forms change no score: forced on in fp32 (chunks, the vision rewrites, on plain linears),
+    long prompts and a large image still match."""
+    monkeypatch.setattr(chunked, "CHUNK_DTYPES", (torch.float32,))
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    for tower in (rr.model.model, rr.model.visual):
+        assert chunked.apply(tower, PlainLinear) > 0
     pairs = [[QUERY, d] for d in DOCS]
     assert rr.compute_score(pairs, normalize_scores=False) == pytest.approx(tiny_reference.raw_scores(pairs), abs=1e-4)
     pairs = [[QUERY, im] for im in images_for_packing]
@@ -189,13 +198,13 @@ def test_packing_gives_the_mapped_pages_back_and_keeps_values(tmp_path):
     expected = w.clone()
     total = float(w.sum())  # fault every page in
     before = _rss_file_kib()
-    linear.release_mapped_pages(w, linear._file_mappings())
+    onednn.release_mapped_pages(w, onednn.file_mappings())
     assert before - _rss_file_kib() > 12 * 1024  # the tensor's pages left the resident set
     assert float(w.sum()) == total and torch.equal(w, expected)  # and fault back in from the file
 
     anon = torch.randn(2048, 2048)  # not file-backed: must be left alone (dropping would zero it)
     copy = anon.clone()
-    linear.release_mapped_pages(anon, linear._file_mappings())
+    onednn.release_mapped_pages(anon, onednn.file_mappings())
     assert torch.equal(anon, copy)
 
 
@@ -236,12 +245,13 @@ def test_towers_pack_after_enough_work(tiny_ckpt, images_for_packing, monkeypatc
     assert rr.packed == []  # a short pair does not pay for packing
     rr.compute_score([[QUERY, d] for d in DOCS])  # now past 300 tokens in all
     assert rr.packed == ["decoder"]
-    assert all(m.packed is not None for m in rr.model.model.modules() if isinstance(m, Linear))
-    assert all(m.packed is None for m in rr.model.visual.modules() if isinstance(m, Linear))
+    assert all(isinstance(layer, FastDecoderLayer) for layer in rr.model.model.layers)
+    assert not any(isinstance(m, torch.nn.Linear) for m in rr.model.model.modules())
+    assert not any(isinstance(m, (FastVisionBlock, OneDNNLinear)) for m in rr.model.visual.modules())
     assert rr.compute_score([QUERY, DOCS[0]]) == pytest.approx(short, abs=1e-2)
     rr.compute_score([[QUERY, im] for im in images_for_packing * 2], doc_type="image")
     assert rr.packed == ["decoder", "vision"]
-    assert pack_linears(rr.model) == 0  # nothing left to pack
+    assert pack_weights(rr.model.model) == pack_weights(rr.model.visual) == 0  # nothing left to pack
     fresh = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     assert fresh.pack(["decoder"]) == ["decoder"]  # what a server does at start
     assert fresh.pack() == ["decoder", "vision"]

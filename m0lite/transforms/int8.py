@@ -1,0 +1,171 @@
+"""Lean mode: int8 weights, symmetric per output channel, in every linear of both towers. Lossy, opt-in.
+
+`Int8Linear` holds `weight` (out, in) int8 and `weight_scale` (out,) fp32, with
+W ~= weight_scale[:, None] * weight, the scale of each output channel set by its
+largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
+
+- "dynamic": int8 x int8. Each row (token or patch) of the activations is quantised
+  on the fly with its own scale (max |x| -> 127), stored as uint8 around 128 for
+  oneDNN's u8 x s8 kernels (AVX512-VNNI, AVX-VNNI, AMX-INT8), and the int32 products
+  are scaled back by (row scale x channel scale). The weights are laid out for
+  oneDNN once.
+- "weight-only": the int8 weight is expanded to the activations' dtype inside each
+  call and multiplied as usual: half the weight memory, no int8 arithmetic. For
+  devices without oneDNN's int8 kernels (CUDA).
+
+What stays in the model's dtype, and why: the token embeddings (a lookup, not a
+matmul: only the rows a batch reads are touched), the norms, the score head (two
+small matmuls over one token per pair, which set the score directly) and the
+patch embedding (a Conv3d in the checkpoint over raw pixels; 0.1% of the weights).
+
+A checkpoint written by `m0lite quantize` (weights/quantized.py) stores each quantised
+linear's `weight` as int8 and its `weight_scale` beside it, and says so in
+config.json (`quantization_config`); the loader then builds the int8 layers and
+checks every tensor as strictly as any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import chunked
+from .epilogue import EpilogueLinear
+from .onednn import file_mappings, release_mapped_pages
+
+QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetric, per output channel",
+                "scale_suffix": "weight_scale"}
+COMPUTE = ("dynamic", "weight-only")
+# CPU flags of int8 matmul units that oneDNN's u8 x s8 kernels use.
+INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+class Int8Linear(EpilogueLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.compute = "weight-only"
+        self._packed = None  # the weight in oneDNN's layout ("dynamic")
+        self._zero_points = None
+
+    @classmethod
+    def quantized(cls, lin: nn.Linear) -> "Int8Linear":
+        w = lin.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device)
+        q.weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        q.weight_scale = scale
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def rewrite(self, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0) -> "Int8Linear":
+        """In place: outputs in the order `rows`, weight and bias scaled (chunked.py's vision rewrites).
+        Exact on the int8 values: only the per-channel scales and the bias change."""
+        if rows is not None:
+            order = torch.tensor(rows, device=self.weight.device)
+            self.weight, self.weight_scale = self.weight[order], self.weight_scale[order]
+            if self.bias is not None:
+                self.bias = nn.Parameter(self.bias[order], requires_grad=False)
+        self.weight_scale = self.weight_scale * weight_scale
+        if self.bias is not None and bias_scale != 1.0:
+            self.bias = nn.Parameter(self.bias * bias_scale, requires_grad=False)
+        return self
+
+    def prepack(self, mapped: list[tuple[int, int]]) -> None:
+        """Lay the weight out for oneDNN's int8 kernels and drop the plain copy (for "dynamic")."""
+        self._packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
+        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        release_mapped_pages(self.weight, mapped)
+        self.weight = None
+
+    def forward(self, x):
+        if self._packed is None:  # weight-only
+            w = self.weight.to(x.dtype).mul_(self.weight_scale.to(x.dtype)[:, None])
+            return F.linear(x, w, self.bias)
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        # Per-row symmetric scale, stored as uint8 around zero point 128: oneDNN's fast path is u8 x s8.
+        row_scale = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30).div_(127)  # (rows, 1)
+        xq = torch.addcmul(torch.tensor(128.0), x, row_scale.reciprocal()).round_().to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self._packed, self.weight_scale, self._zero_points,
+                                               None, 1.0, 0, x.dtype, "none", [], "")
+        y = y.mul_(row_scale)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
+def _linears(model: nn.Module):
+    """(parent, name, module) of every linear the int8 mode quantises: all of both towers' but the patch
+    embedding's (see the module docstring); the score head is outside the towers."""
+    for tower in (model.model, model.visual):
+        for parent in tower.modules():
+            if parent is model.visual.patch_embed:
+                continue
+            for name, child in parent.named_children():
+                if isinstance(child, (nn.Linear, Int8Linear)):
+                    yield parent, name, child
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for _, _, m in _linears(model))
+
+
+def quantize(model: nn.Module) -> None:
+    """Every linear of both towers (but the patch embedding) -> Int8Linear, weight-only until `prepare`.
+    On the meta device this only builds the structure, for the loader to fill."""
+    mapped = file_mappings()
+    for parent, name, lin in list(_linears(model)):
+        if isinstance(lin, Int8Linear):
+            continue
+        if lin.weight.is_meta:
+            q = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, "meta")
+        else:
+            q = Int8Linear.quantized(lin)
+            release_mapped_pages(lin.weight, mapped)
+        setattr(parent, name, q)
+
+
+def has_int8_units() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in INT8_UNITS)
+
+
+def resolve_compute(compute: str, device: torch.device) -> str:
+    """"auto": "dynamic" on a CPU with int8 matmul units (and oneDNN's int8 ops), else "weight-only"."""
+    if compute not in ("auto", *COMPUTE):
+        raise ValueError(f"int8_compute must be 'auto', 'dynamic' or 'weight-only', got {compute!r}")
+    can = device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    if compute == "auto":
+        return "dynamic" if can and has_int8_units() else "weight-only"
+    if compute == "dynamic" and not can:
+        raise ValueError(f"int8_compute='dynamic' needs oneDNN's int8 kernels on the CPU, not {device}")
+    return compute
+
+
+def prepare(model: nn.Module, compute: str) -> None:
+    """Make a quantised model ready to run. "dynamic": both towers in their chunked fast form on the int8
+    linears (the vision rewrites applied to the int8 weights' scales), then every weight laid out for
+    oneDNN. "weight-only": the plain model, each linear expanding its weight per call."""
+    if compute == "dynamic":
+        def make(lin, **rewrite):
+            return lin.rewrite(**rewrite) if isinstance(lin, Int8Linear) else lin
+        chunked.apply(model.model, make)
+        chunked.apply(model.visual, make)
+        mapped = file_mappings()
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and m._packed is None:
+                m.prepack(mapped)
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.compute = compute
