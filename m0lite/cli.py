@@ -1,4 +1,4 @@
-"""Command line: `m0lite rank`, `m0lite demo`, `m0lite serve`."""
+"""Command line: `m0lite rank`, `m0lite demo`, `m0lite serve`, `m0lite quantize`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ def document_arg(arg: str):
     if arg.startswith(("http://", "https://", "data:image/")):
         return {"image": arg}
     path = Path(arg)
-    if len(arg) < 4096 and path.is_file():
+    try:
+        is_file = len(arg) < 4096 and path.is_file()
+    except OSError:  # not a name a file can have (too long for the file system, say): text
+        is_file = False
+    if is_file:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return {"image": str(path)}
         try:
@@ -57,25 +61,37 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--model", required=required, help="checkpoint folder or hub repo id (e.g. jinaai/jina-reranker-m0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA and on CPUs with native bf16, else float32)")
+    add_quantize_arguments(p)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights: half the memory, a lossy mode (see README: Lean mode)")
+    p.add_argument("--int8-compute", choices=["auto", "dynamic", "weight-only"], default="auto",
+                   help="int8 x int8 (dynamic) or weight-only; auto: dynamic where the CPU has int8 matmul units")
+
+
+def load_reranker(args, **kwargs):
+    """The Reranker the model arguments describe."""
+    from .reranker import Reranker
+
+    return Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                    int8_compute=args.int8_compute, **kwargs)
 
 
 def cmd_rank(args) -> None:
-    from .reranker import Reranker
-
     if not args.documents:
         raise M0liteError("give at least one document")
     if (args.query is None) == (args.query_image is None):
         raise M0liteError("give exactly one of --query TEXT or --query-image PATH_OR_URL")
     query = {"image": args.query_image} if args.query_image else args.query
     documents = [document_arg(d) for d in args.documents]
-    rr = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    rr = load_reranker(args)
     results = rr.rank(query, documents, top_n=args.top_n, show_progress=len(documents) > 32 and not args.json)
     print_ranking(results, documents, args.json)
 
 
 def cmd_demo(args) -> None:
-    from .reranker import Reranker
-
     model = args.model
     if model is None:
         from m0lite.fixtures.random_checkpoint import write_random_checkpoint
@@ -86,10 +102,19 @@ def cmd_demo(args) -> None:
         print(f"Demo checkpoint: {model}\nNOTE: random weights in the published layout (no hub access here); the scores "
               "below exercise the whole pipeline but mean nothing. Pass --model jinaai/jina-reranker-m0 for real ones.\n",
               file=sys.stderr)
-    rr = Reranker.from_pretrained(model, device=args.device, dtype=args.dtype)
+    args.model = model
+    rr = load_reranker(args)
     documents = [{"text": d} for d in DEMO_DOCUMENTS]
     print(f"query: {DEMO_QUERY}")
     print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json)
+
+
+def cmd_quantize(args) -> None:
+    from .weights.quantized import save_quantized
+
+    out = save_quantized(args.src, args.dst)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="~/.cache/m0lite", help="where the demo checkpoint is written")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("quantize", help="write an int8 checkpoint (half the bytes) of a checkpoint folder or hub id")
+    p.add_argument("src", help="checkpoint folder or hub repo id")
+    p.add_argument("dst", help="new folder for the int8 checkpoint")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("serve", help="serve the Jina-compatible /v1/rerank HTTP API")
     try:

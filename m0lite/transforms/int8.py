@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from . import chunked
 from .epilogue import EpilogueLinear
 from .onednn import file_mappings, release_mapped_pages
@@ -144,12 +145,12 @@ def has_int8_units() -> bool:
 def resolve_compute(compute: str, device: torch.device) -> str:
     """"auto": "dynamic" on a CPU with int8 matmul units (and oneDNN's int8 ops), else "weight-only"."""
     if compute not in ("auto", *COMPUTE):
-        raise ValueError(f"int8_compute must be 'auto', 'dynamic' or 'weight-only', got {compute!r}")
+        raise InputError(f"int8_compute must be 'auto', 'dynamic' or 'weight-only', got {compute!r}")
     can = device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
     if compute == "auto":
         return "dynamic" if can and has_int8_units() else "weight-only"
     if compute == "dynamic" and not can:
-        raise ValueError(f"int8_compute='dynamic' needs oneDNN's int8 kernels on the CPU, not {device}")
+        raise InputError(f"int8_compute='dynamic' needs oneDNN's int8 kernels on the CPU, not {device}")
     return compute
 
 

@@ -1,0 +1,195 @@
+"""Lean mode (int8): close to fp32 in every modality combination, exact through save and load, strict on scales."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from m0lite import InputError, Reranker, WeightsError
+from m0lite.cli import main
+from m0lite.transforms import int8
+from m0lite.transforms.chunked import FastDecoderLayer
+from m0lite.weights.quantized import save_quantized
+
+# The stated tolerance (README, Lean mode): int8 normalised scores within 0.03 of the exact ones. The tiny
+# random checkpoints of the tests are well inside it; bench/bench_quant.py measures the full-size model.
+TOL = 0.03
+QUERY = "small language model data extraction"
+DOCS = ["ReaderLM-v2 converts raw HTML into markdown.", "数据提取是从非结构化文本中获取结构化信息的过程。",
+        " ".join(f"token{i} 数据 word" for i in range(200))]  # longer than one 256-row chunk
+
+
+def page(seed, w=150, h=110):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# "dynamic" runs wherever torch has oneDNN's int8 ops (fast only with int8 matmul units, which "auto" asks for).
+HAS_ONEDNN_INT8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+COMPUTE = ["weight-only", *(["dynamic"] if HAS_ONEDNN_INT8 else [])]
+
+
+@pytest.fixture(scope="module")
+def quantized_ckpt(tiny_ckpt, tmp_path_factory):
+    return save_quantized(tiny_ckpt, tmp_path_factory.mktemp("int8") / "ckpt")
+
+
+@pytest.mark.parametrize("compute", COMPUTE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_modality_within_tolerance_of_fp32(tiny_ckpt, tiny_reranker, compute, dtype):
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=dtype, quantize="int8", int8_compute=compute)
+    assert rr.quantized and all(m.compute == compute for m in rr.model.modules() if isinstance(m, int8.Int8Linear))
+    cases = [  # text -> text, text -> image, image -> text, image -> image
+        ([[QUERY, d] for d in DOCS], "text", "text"),
+        ([[QUERY, page(0)], [QUERY, page(1, 300, 260)]], "text", "image"),
+        ([[page(2), d] for d in DOCS], "image", "text"),
+        ([[page(3), page(4, 90, 200)]], "image", "image"),
+    ]
+    for pairs, qt, dt in cases:
+        got = rr.compute_score(pairs, query_type=qt, doc_type=dt)
+        want = tiny_reranker.compute_score(pairs, query_type=qt, doc_type=dt)
+        assert got == pytest.approx(want, abs=TOL), (qt, dt)
+        assert got != want  # lossy: it really runs on int8 weights
+    mixed = [DOCS[0], page(5), {"image": page(6, 60, 300)}, DOCS[2]]
+    got = {r["index"]: r["relevance_score"] for r in rr.rank(QUERY, mixed)}
+    want = {r["index"]: r["relevance_score"] for r in tiny_reranker.rank(QUERY, mixed)}
+    assert sorted(got) == list(range(len(mixed))) and all(abs(got[i] - want[i]) < TOL for i in want)
+
+
+def test_linears_are_int8_where_stated(tiny_ckpt):
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", int8_compute="weight-only")
+    m = rr.model
+    layer, block = m.model.layers[0], m.visual.blocks[0]
+    for lin in (layer.self_attn.q_proj, layer.mlp.down_proj, block.attn.qkv, block.mlp.fc2, m.visual.merger.mlp[0]):
+        assert isinstance(lin, int8.Int8Linear) and lin.weight.dtype == torch.int8
+    # Stated in transforms/int8.py: the patch embedding, the embeddings, the norms and the score head stay.
+    assert isinstance(m.visual.patch_embed.proj, torch.nn.Linear) and isinstance(m.score[0], torch.nn.Linear)
+    q = layer.self_attn.q_proj
+    assert q.weight.abs().amax(1).eq(127).all()  # each channel's largest weight maps to 127
+    exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32).model.model.layers[0].self_attn.q_proj.weight
+    step = q.weight_scale[:, None]
+    assert ((q.weight.float() * step - exact).abs() <= step / 2 + 1e-7).all()  # rounded to the nearest step
+
+
+def test_dynamic_runs_the_fast_form_and_is_batch_invariant(tiny_ckpt):
+    if not HAS_ONEDNN_INT8:
+        pytest.skip("no oneDNN int8 kernels in this torch build")
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", int8_compute="dynamic")
+    assert all(isinstance(layer, FastDecoderLayer) for layer in rr.model.model.layers)
+    pairs = [[QUERY, d] for d in DOCS] + [[QUERY, page(7)]]
+    alone = [rr.compute_score([q, d] if isinstance(d, str) else [q, {"image": d}], normalize_scores=False)
+             for q, d in pairs]
+    together = rr.score_pairs([(q, d if isinstance(d, str) else {"image": d}) for q, d in pairs], normalize=False)[0]
+    # Activations are quantised per row and int8 products are exact: a pair's score does not depend on its batch.
+    assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_round_trip_is_bit_identical(tiny_ckpt, quantized_ckpt, tmp_path):
+    pairs = [[QUERY, d] for d in DOCS]
+    at_load = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8")
+    from_file = Reranker.from_pretrained(quantized_ckpt, dtype=torch.bfloat16)
+    assert from_file.quantized
+    assert at_load.compute_score(pairs) == from_file.compute_score(pairs)
+    images = [[QUERY, {"image": page(8)}]]
+    assert at_load.compute_score(images) == from_file.compute_score(images)
+    again = save_quantized(quantized_ckpt, tmp_path / "again")  # an int8 checkpoint saves as it is
+    assert load_file(str(again / "model.safetensors")).keys() == load_file(str(quantized_ckpt / "model.safetensors")).keys()
+    assert Reranker.from_pretrained(again, dtype=torch.bfloat16).compute_score(pairs) == from_file.compute_score(pairs)
+
+
+def test_quantized_file_is_about_half(tiny_ckpt, quantized_ckpt):
+    state = load_file(str(quantized_ckpt / "model.safetensors"))
+    assert state["model.layers.0.mlp.gate_proj.weight"].dtype == torch.int8
+    assert state["model.layers.0.mlp.gate_proj.weight_scale"].dtype == torch.float32
+    assert state["visual.patch_embed.proj.weight"].dim() == 5  # the published Conv3d layout
+    config = json.loads((quantized_ckpt / "config.json").read_text())
+    assert config["quantization_config"]["weights"] == "int8"
+    assert (quantized_ckpt / "tokenizer.json").exists()
+    linear_bytes = sum(t.numel() for k, t in state.items() if t.dtype == torch.int8)
+    assert linear_bytes > 0
+
+
+@pytest.fixture
+def broken(quantized_ckpt, tmp_path):
+    """A copy of the int8 checkpoint and a function that rewrites one of its tensors."""
+    folder = tmp_path / "broken"
+    shutil.copytree(quantized_ckpt, folder)
+    path = folder / "model.safetensors"
+
+    def edit(name, fn):
+        state = load_file(str(path))
+        state[name] = fn(state[name])
+        if state[name] is None:
+            del state[name]
+        save_file(state, str(path))
+        return folder
+    return edit
+
+
+SCALE = "model.layers.1.self_attn.k_proj.weight_scale"
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda t: t[:-1].clone(), "k_proj.weight_scale has shape"),
+    (lambda t: t.clone().fill_(float("nan")), "k_proj.weight_scale holds scales that are not all finite and positive"),
+    (lambda t: torch.zeros_like(t), "k_proj.weight_scale holds scales"),
+    (lambda t: None, "missing tensors: model.layers.1.self_attn.k_proj.weight_scale"),
+])
+def test_bad_scales_are_named(broken, fn, match):
+    with pytest.raises(WeightsError, match=match):
+        Reranker.from_pretrained(broken(SCALE, fn), dtype=torch.float32)
+
+
+def test_int8_weight_stored_as_float_is_named(broken):
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(WeightsError, match="up_proj.weight has dtype torch.float32, expected int8"):
+        Reranker.from_pretrained(broken(name, lambda t: t.float()), dtype=torch.float32)
+
+
+def test_unknown_quantization_config_is_refused(quantized_ckpt, tmp_path):
+    folder = tmp_path / "other"
+    shutil.copytree(quantized_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="quantization_config .* is not one m0lite reads"):
+        Reranker.from_pretrained(folder)
+
+
+def test_caches_are_exact_in_int8(tiny_ckpt):
+    plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", vision_cache_bytes=0)
+    cached = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", doc_cache_bytes=2**26)
+    docs = [*DOCS, page(9)]
+    cached.rank("first query", docs)  # fills both caches
+    for query in (QUERY, page(10), page(10)):  # the image query's visual tokens come from the cache the second time
+        assert cached.rank(query, docs) == [pytest.approx(r, abs=1e-5) for r in plain.rank(query, docs)]
+    assert cached.doc_cache.hits >= len(docs) and cached.vision_cache.hits >= 1
+
+
+def test_options_are_checked(tiny_ckpt):
+    with pytest.raises(InputError, match="quantize must be None or 'int8'"):
+        Reranker.from_pretrained(tiny_ckpt, quantize="int4")
+    with pytest.raises(InputError, match="int8_compute must be"):
+        Reranker.from_pretrained(tiny_ckpt, quantize="int8", int8_compute="fast")
+    with pytest.raises(InputError, match="pack_weights=True needs bf16 on a CPU with native bf16, not an int8 model"):
+        Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", pack_weights=True)
+    with pytest.raises(InputError, match="compile=True does not take an int8 model"):
+        Reranker.from_pretrained(tiny_ckpt, quantize="int8", compile=True)
+
+
+def test_cli_quantize_then_rank(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert main(["quantize", str(tiny_ckpt), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["rank", "--model", str(out), "--query", QUERY, "--json", *DOCS]) == 0
+    from_file = json.loads(capsys.readouterr().out)["results"]
+    assert main(["rank", "--model", str(tiny_ckpt), "--quantize", "int8", "--json", "--query", QUERY, *DOCS]) == 0
+    at_load = json.loads(capsys.readouterr().out)["results"]
+    assert from_file == at_load and len(at_load) == len(DOCS)
+    assert main(["quantize", str(tiny_ckpt), str(out)]) == 2  # refuses to write into a full folder
+    assert "not empty" in capsys.readouterr().err
