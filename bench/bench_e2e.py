@@ -42,8 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "bench" / "e2e_worker.py"
 CACHE = Path(os.environ.get("M0LITE_CACHE", Path.home() / ".cache" / "m0lite"))
-SIDES = ("m0lite", "ref8", "ref1")
+SIDES = ("m0lite", "ref8", "ref1", "m0lite-int8")
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}  # max |diff| of normalised scores
+INT8_TOLERANCE = 0.03  # the lean mode's stated tolerance against exact m0lite (README)
 
 sys.path.insert(0, str(REPO))
 from bench.e2e_worker import TIMED_VARIANTS, WORKLOADS  # noqa: E402  (the worker module imports nothing heavy at top level)
@@ -306,7 +307,7 @@ def report(workload: str, results: dict[str, dict], cfg: dict, args) -> tuple[li
     if sizes:
         print(f"   {len(sizes['prompt_tokens'])} pairs, {tokens} prompt tokens (min {min(sizes['prompt_tokens'])}, "
               f"max {max(sizes['prompt_tokens'])}), {patches} vision patches, {work / 1e12:.3f} TFLOP of useful work per run")
-    head = (f"{'side':7} {'latency median [p20..p80] (min..max)':44} {'CPU-s':>6} {'pairs/s':>8} {'tok/s':>7} {'GFLOP/s':>8} "
+    head = (f"{'side':11} {'latency median [p20..p80] (min..max)':44} {'CPU-s':>6} {'pairs/s':>8} {'tok/s':>7} {'GFLOP/s':>8} "
             f"{'peak RSS':>10} {'load':>7} {'runs':>5} {'others':>6}  tokens run")
     print(head + "\n" + "-" * len(head))
     rows, base, contended = [], results.get("m0lite"), False
@@ -337,11 +338,11 @@ def report(workload: str, results: dict[str, dict], cfg: dict, args) -> tuple[li
         contended |= others > args.max_others or r["load_others"] > args.max_others
         rows.append(row)
         lat = f"{med:.3f}s [{row['lat_p20_s']:.3f}..{row['lat_p80_s']:.3f}] ({min(ts):.3f}..{max(ts):.3f})"
-        pad = (f"{row['processed_tokens']}" if side != "m0lite"
+        pad = (f"{row['processed_tokens']}" if not side.startswith("m0lite")
                else f"{tokens or ''} (no padding; packed weights: {r.get('packed_weights') or 'none'})")
         tok_s = f"{tokens / med:.0f}" if tokens else "?"
         gflop_s = f"{work / med / 1e9:.1f}" if work else "?"
-        print(f"{side:7} {lat:44} {cpu:6.2f} {row['pairs_per_s']:8.3f} {tok_s:>7} {gflop_s:>8} {gib(r['peak_rss_bytes']):>10} "
+        print(f"{side:11} {lat:44} {cpu:6.2f} {row['pairs_per_s']:8.3f} {tok_s:>7} {gflop_s:>8} {gib(r['peak_rss_bytes']):>10} "
               f"{r['load_s']:6.2f}s {len(ts):>2}/{len(r['runs']):<2} {others:6.0%}  {pad}")
     print("(CPU-s: this process's CPU time per run; runs: counted/made; others: share of all CPUs that other processes "
           "used during the counted runs; peak RSS includes "
@@ -357,6 +358,17 @@ def report(workload: str, results: dict[str, dict], cfg: dict, args) -> tuple[li
         m_lat = statistics.median(base["times_s"])
         for side, r in results.items():
             if side == "m0lite":
+                continue
+            if side == "m0lite-int8":  # the other way round: the lean mode against exact m0lite
+                ratios[side] = x = {"speedup": m_lat / statistics.median(r["times_s"]),
+                                    "rss": r["peak_rss_bytes"] / base["peak_rss_bytes"], "load": r["load_s"] / base["load_s"]}
+                diff = score_diff(r, base)
+                good = diff is not None and diff <= INT8_TOLERANCE
+                ok &= good
+                print(f"int8 vs m0lite: speedup {x['speedup']:.2f}x (m0lite time / int8 time), memory {x['rss']:.2f}x "
+                      f"(int8 RSS / m0lite RSS), load {x['load']:.2f}x; normalised scores max |diff| "
+                      + (f"{diff:.2e} " if diff is not None else "n/a ")
+                      + ("within" if good else "!!! OVER") + f" the stated {INT8_TOLERANCE} (lossy mode)")
                 continue
             ratios[side] = x = {
                 "speedup": statistics.median(r["times_s"]) / m_lat,
@@ -378,6 +390,10 @@ def goals(all_ratios: dict[str, dict]) -> None:
     print("\n## Goals (only what was measured above)")
     checks = []  # (name, value, target, higher is better)
     for w, rs in all_ratios.items():
+        if "m0lite-int8" in rs:
+            x = rs.pop("m0lite-int8")
+            checks.append((f"{w} int8 speedup vs m0lite >= 1.5x", x["speedup"], 1.5, True))
+            checks.append((f"{w} int8 peak RSS / m0lite <= 0.55x", x["rss"], 0.55, False))
         if w == "text32" and "ref8" in rs:
             checks.append(("text32 speedup vs ref8 (original compute_score) >= 2x", rs["ref8"]["speedup"], 2.0, True))
         for side, x in rs.items():
@@ -397,7 +413,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small labelled config (hidden 512, 4 layers; vision 4 x 320), shorter text32")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 if the CPU has native bf16, else fp32")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    ap.add_argument("--sides", default=",".join(SIDES), help="comma list of m0lite, ref8, ref1")
+    ap.add_argument("--sides", default=",".join(SIDES[:3]), help="comma list of m0lite, ref8, ref1, m0lite-int8")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median and spread reported)")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed runs of the workload before timing (m0lite then warms up further, until a run "

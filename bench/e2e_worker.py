@@ -6,6 +6,7 @@ score) belong to that side alone.
 
 Sides:
   m0lite  `Reranker.from_pretrained` + `compute_score` with its defaults (no padding).
+  m0lite-int8  the same with quantize="int8" (lean mode; int8_compute "auto").
   ref8    the transformers reference (`tests/reference.py`) as the original compute_score:
           left-padded batches of 8.
   ref1    the same reference one pair at a time (batch_size=1, no padding).
@@ -132,16 +133,21 @@ def vm_status(field: str) -> int:
 
 def load_side(side: str, folder: Path, dtype, compile: bool = False):
     """-> score(pairs, query_type, doc_type) returning normalised scores, and a description."""
-    if side == "m0lite":
+    if side in ("m0lite", "m0lite-int8"):
         from m0lite import Reranker
 
-        rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile)
+        int8 = side == "m0lite-int8"
+        rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile, quantize="int8" if int8 else None)
         desc = "m0lite compute_score (defaults" + (", compile=True)" if compile else ")")
 
         def score(pairs, qt, dt):
             return rr.compute_score(pairs, query_type=qt, doc_type=dt)
 
-        score.packed = lambda: rr.packed  # towers on packed weights (they pack after some work)
+        if int8:
+            compute = {m.compute for m in rr.model.modules() if hasattr(m, "compute")}
+            desc = f"m0lite compute_score, quantize='int8' (int8_compute {', '.join(sorted(compute))})"
+        else:
+            score.packed = lambda: rr.packed  # towers on packed weights (they pack after some work)
         return score, desc
 
     import torch
@@ -174,7 +180,7 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--side", required=True, choices=["m0lite", "ref8", "ref1"])
+    ap.add_argument("--side", required=True, choices=["m0lite", "m0lite-int8", "ref8", "ref1"])
     ap.add_argument("--compile", action="store_true", help="m0lite side: compile=True (the warm-up absorbs the compile)")
     ap.add_argument("--ckpt", required=True, type=Path)
     ap.add_argument("--workload", required=True, choices=list(WORKLOADS))
