@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .reference import attention_torch, attention_with_past_torch, rms_norm_torch
 
-# The Triton kernels load on first use: importing triton takes ~0.15 s, which a CPU-only process
+# The Triton kernels load on first use: importing triton is a large part of start-up, which a CPU-only process
 # (running the torch twins) should not pay at start-up.
 _TRITON = {"attention_triton": ".triton_attention", "attention_with_past_triton": ".triton_attention",
            "rms_norm_triton": ".triton_rms_norm"}

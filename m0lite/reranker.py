@@ -27,11 +27,10 @@ from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
 from .transforms import int8
 
-# Packing a tower's weights (transforms.pack_weights) costs about 1 s once at full size (the decoder: 0.9 s to lay out
-# 2.6 GB, then new oneDNN kernels on the first pass) and makes each later pass about 1.2x faster, which
-# wins the second back after some 3,000 tokens. So, as one rents skis until the rent would have bought
-# them, a tower is packed once it has run this many rows (tokens or patches) in all: a short-lived
-# process scoring a few pairs never pays for it, a server pays it once.
+# Packing a tower's weights (transforms.pack_weights) costs a one-time copy of its weights and makes every
+# later pass faster (bench/RESULTS.md has both). So, as one rents skis until the rent would have bought them,
+# a tower is packed once it has run this many rows (tokens or patches) in all: a short-lived process scoring a
+# few pairs never pays for it, a server pays it once.
 PACK_AFTER_ROWS = 4096
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -56,7 +56,7 @@ def rowwise(fn, *xs: torch.Tensor):
         ys = (ys,) if one else ys
         if outs is None:
             # 3-D outputs, the (rows, heads, head_dim) queries, keys and values, are stored heads-major:
-            # attention then reads each head's rows as one block (about 5% faster on CPU).
+            # attention then reads each head's rows as one block.
             outs = [y.new_empty((y.shape[1], n, y.shape[2])).transpose(0, 1) if y.dim() == 3 else
                     y.new_empty((n, *y.shape[1:])) for y in ys]
         for out, y in zip(outs, ys):
