@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "bench" / "e2e_worker.py"
 CACHE = Path(os.environ.get("M0LITE_CACHE", Path.home() / ".cache" / "m0lite"))
-SIDES = ("m0lite", "ref8", "ref1", "m0lite-int8")
+SIDES = ("m0lite", "ref8", "ref1", "m0lite-int8", "m0lite-base")
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}  # max |diff| of normalised scores
 INT8_TOLERANCE = 0.03  # the lean mode's stated tolerance against exact m0lite (README)
 
@@ -198,8 +198,11 @@ def run_side(side: str, workload: str, args, folder: Path) -> dict:
     return best
 
 
-def worker_command(side: str, workload: str, args, folder: Path) -> tuple[list[str], dict]:
-    cmd = [sys.executable, str(WORKER), "--side", side, "--ckpt", str(folder), "--workload", workload,
+def worker_command(side: str, workload: str, args, folder: Path) -> tuple[list[str], dict, Path]:
+    """The worker's command line, environment and folder. "m0lite-base" is the m0lite side of another
+    checkout (`--baseline`), run from there: the code before a change, against the code after it."""
+    tree, worker_side = (args.baseline, "m0lite") if side == "m0lite-base" else (REPO, side)
+    cmd = [sys.executable, str(tree / "bench" / "e2e_worker.py"), "--side", worker_side, "--ckpt", str(folder), "--workload", workload,
            "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--retries", str(args.retries), "--max-others", str(args.max_others)]
     if args.quick:
@@ -210,7 +213,7 @@ def worker_command(side: str, workload: str, args, folder: Path) -> tuple[list[s
         args.out_dir.mkdir(parents=True, exist_ok=True)
         cmd += ["--profile", str(args.out_dir / f"profile_{args.stamp}_{args.mode}_{workload}_m0lite.txt")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-    return cmd, env
+    return cmd, env, tree
 
 
 def finish(side: str, workload: str, stdout: str, returncode: int, started: float, load_before: float) -> dict:
@@ -229,12 +232,12 @@ def finish(side: str, workload: str, stdout: str, returncode: int, started: floa
 
 
 def run_worker(side: str, workload: str, args, folder: Path) -> dict:
-    cmd, env = worker_command(side, workload, args, folder)
+    cmd, env, tree = worker_command(side, workload, args, folder)
     wait_for_quiet(args, f"[{side} {workload}]")
     print(f"[{side} {workload}] start (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
     return finish(side, workload, proc.stdout, proc.returncode, t, load_before)
 
 
@@ -255,12 +258,12 @@ def run_interleaved(sides: list[str], workload: str, args, folder: Path) -> dict
 
     try:
         for side in sides:
-            cmd, env = worker_command(side, workload, args, folder)
+            cmd, env, tree = worker_command(side, workload, args, folder)
             wait_for_quiet(args, f"[{side} {workload}]")
             print(f"[{side} {workload}] start (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
             starts[side] = (time.perf_counter(), os.getloadavg()[0])
             procs[side] = subprocess.Popen(cmd + ["--interleave"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           text=True, env=env, cwd=REPO)
+                                           text=True, env=env, cwd=tree)
             out[side] = ""
             expect(side, "@ready")
         clean = dict.fromkeys(sides, 0)
@@ -390,6 +393,7 @@ def goals(all_ratios: dict[str, dict]) -> None:
     print("\n## Goals (only what was measured above)")
     checks = []  # (name, value, target, higher is better)
     for w, rs in all_ratios.items():
+        rs.pop("m0lite-base", None)  # printed with the workload's table; no goal of its own
         if "m0lite-int8" in rs:
             x = rs.pop("m0lite-int8")
             checks.append((f"{w} int8 speedup vs m0lite >= 1.5x", x["speedup"], 1.5, True))
@@ -413,7 +417,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small labelled config (hidden 512, 4 layers; vision 4 x 320), shorter text32")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 if the CPU has native bf16, else fp32")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    ap.add_argument("--sides", default=",".join(SIDES[:3]), help="comma list of m0lite, ref8, ref1, m0lite-int8")
+    ap.add_argument("--sides", default=",".join(SIDES[:3]),
+                    help="comma list of m0lite, ref8, ref1, m0lite-int8 and m0lite-base (the m0lite side of --baseline)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout (e.g. a git worktree of an older commit) whose m0lite side is 'm0lite-base'")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median and spread reported)")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed runs of the workload before timing (m0lite then warms up further, until a run "
@@ -449,6 +456,8 @@ def main() -> None:
     for s in sides:
         if s not in SIDES:
             ap.error(f"unknown side {s!r}")
+    if ("m0lite-base" in sides) != (args.baseline is not None):
+        ap.error("the side m0lite-base and --baseline DIR go together")
 
     import torch
 

@@ -26,6 +26,7 @@ checks every tensor as strictly as any other.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -42,6 +43,29 @@ QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetri
 COMPUTE = ("dynamic", "weight-only")
 # CPU flags of int8 matmul units that oneDNN's u8 x s8 kernels use.
 INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+class _LastQuantized(threading.local):
+    """The last activations quantised on this thread, so that the projections that read the same input tensor
+    one after another (q, k and v; gate and up, in the fast forms) quantise it once. Sound because no caller
+    changes an input in place between two projections of it (inference tensors keep no version counter
+    to check); a different tensor replaces the entry."""
+
+    x = ptr = xq = scale = None
+
+
+_last = _LastQuantized()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, in) -> (uint8 codes around 128, (rows, 1) fp32 scales): x ~= (codes - 128) * scale, each row's
+    largest |x| at 127. uint8 with zero point 128 because oneDNN's fast int8 kernels are u8 x s8."""
+    if x is _last.x and x.data_ptr() == _last.ptr:
+        return _last.xq, _last.scale
+    scale = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30).div_(127)
+    xq = torch.addcmul(torch.tensor(128.0), x, scale.reciprocal()).round_().to(torch.uint8)
+    _last.x, _last.ptr, _last.xq, _last.scale = x, x.data_ptr(), xq, scale
+    return xq, scale
 
 
 class Int8Linear(EpilogueLinear):
@@ -91,10 +115,7 @@ class Int8Linear(EpilogueLinear):
             w = self.weight.to(x.dtype).mul_(self.weight_scale.to(x.dtype)[:, None])
             return F.linear(x, w, self.bias)
         shape = x.shape
-        x = x.reshape(-1, self.in_features)
-        # Per-row symmetric scale, stored as uint8 around zero point 128: oneDNN's fast path is u8 x s8.
-        row_scale = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30).div_(127)  # (rows, 1)
-        xq = torch.addcmul(torch.tensor(128.0), x, row_scale.reciprocal()).round_().to(torch.uint8)
+        xq, row_scale = quantize_rows(x if x.dim() == 2 else x.reshape(-1, self.in_features))
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self._packed, self.weight_scale, self._zero_points,
                                                None, 1.0, 0, x.dtype, "none", [], "")
         y = y.mul_(row_scale)
