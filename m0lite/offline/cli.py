@@ -127,7 +127,6 @@ def cmd_eval(args) -> None:
     job.cut(lambda i: i in starts, args.chunk_pairs)  # a query's candidates stay in one chunk
 
     result = _run(job, args, args.out)
-    report_bad(result.bad, True, "scoring")
     lines, reranked, i = [], {}, 0
     for qid, cands in kept.items():
         scored = [(c.doc_id, s, n) for n, (c, s) in enumerate(zip(cands, result.scores[i:i + len(cands)])) if s is not None]
@@ -142,7 +141,7 @@ def cmd_eval(args) -> None:
     first = {qid: {c.doc_id: c.score for c in judged[qid]} for qid in kept}
     qrels = {qid: beir.qrels[qid] for qid in kept}
     table = {"first_stage": evaluate(qrels, first, metrics), "reranked": evaluate(qrels, reranked, metrics)}
-    print(f"{len(kept)} queries, top {args.top_k}, {len(job.pairs)} pairs ({len(result.bad)} skipped); reranked run: {args.out}")
+    print(f"{len(kept)} queries, top {args.top_k}: {len(job.pairs)} pairs, {len(result.bad)} failed to score; reranked run: {args.out}")
     width = max(len(label) for label, _ in metrics)
     print(f"{'metric':<{width}}  {'first stage':>11}  {'reranked':>9}")
     for label, _ in metrics:
@@ -172,7 +171,6 @@ def cmd_batch(args) -> None:
     job.cut(lambda i: True, args.chunk_pairs)
 
     result = _run(job, args, args.output)
-    report_bad(result.bad, True, "scoring")
     errors = {b.where: b.message for b in result.bad}
     rows = {b.where: {"row": int(b.where.rsplit(":", 1)[1]), "id": None, "score": None, "error": b.message} for b in bad}
     for k, score in zip(order, result.scores):
@@ -180,5 +178,5 @@ def cmd_batch(args) -> None:
         rows[where] = {"row": p.row, "id": p.id, "score": score, "error": errors.get(where)}
     write_scores(args.output, sorted(rows.values(), key=lambda r: r["row"]))
     result.state.remove()
-    print(f"{len(rows)} rows, {len(pairs)} scored pairs ({len(result.bad)} failed, {len(bad)} unreadable); "
-          f"scores: {args.output}", file=sys.stderr)
+    print(f"{len(rows)} rows: {len(pairs) - len(result.bad)} scored, {len(result.bad)} failed to score, "
+          f"{len(bad)} unreadable; scores: {args.output}", file=sys.stderr)

@@ -42,7 +42,7 @@ class Settings:
     doc_cache_mb: int = 0
     vision_cache_mb: int = 256
     skip_bad_rows: bool = False
-    threads: int | None = None  # torch threads per process (Ray: per worker); not part of the manifest
+    threads: int | None = None  # torch threads per process (Ray: per worker); None: all cores here, 1 on Ray
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -54,11 +54,10 @@ class Settings:
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be at least 1, got {self.threads}")
 
-    def manifest(self) -> dict:
-        d = asdict(self)
-        del d["threads"]
-        d["model"] = model_identity(self.model)
-        return d
+    def manifest(self, threads: int) -> dict:
+        """What decides the scores' bits. The thread count does too: a matmul split over more threads
+        may add its terms in another order."""
+        return {**asdict(self), "model": model_identity(self.model), "threads": threads}
 
 
 def model_identity(model: str) -> dict | str:
@@ -231,7 +230,12 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
     writes OUT and then removes the state (result.state.remove())."""
     s.check()
     state = State(out)
-    done = state.open({"version": MANIFEST_VERSION, "kind": job.kind, "settings": s.manifest(), "inputs": job.digest()})
+    if ray_address is not None:
+        threads = s.threads or 1
+    else:
+        import torch
+        threads = s.threads or torch.get_num_threads()
+    done = state.open({"version": MANIFEST_VERSION, "kind": job.kind, "inputs": job.digest(), **s.manifest(threads)})
     todo = [c for c in range(len(job.chunks)) if c not in done]
     size = lambda c: job.chunks[c][1] - job.chunks[c][0]  # noqa: E731
     from tqdm.auto import tqdm
@@ -264,5 +268,8 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
     for c, (a, b) in enumerate(job.chunks):
         result = state.load(c)
         scores[a:b] = result["scores"]
-        bad += [BadRow(job.where[a + i], message) for i, message in result["errors"]]
+        for i, message in result["errors"]:
+            bad.append(BadRow(job.where[a + i], message))
+            if c in done:  # skipped by an earlier run of this job: said again, so no report misses it
+                print(f"m0lite: skipped {bad[-1]} (in an earlier run)", file=sys.stderr)
     return Result(scores, bad, state)
