@@ -274,11 +274,12 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[BadRow]]:
 
 
 def write_scores(path: Path, rows: list[dict]) -> None:
-    """Rows {"row", "id", "score", "error"} to .jsonl (keys with null values left out) or .parquet,
-    atomically: the file appears whole or not at all."""
+    """Rows {"row", "id", "score", "error"} to .jsonl (a null id or error left out; a failed row's
+    score is null) or .parquet, atomically: the file appears whole or not at all."""
     tmp = path.with_name(f".{path.name}.tmp")
     if pairs_format(path) == "jsonl":
-        text = "".join(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n" for r in rows)
+        text = "".join(json.dumps({k: v for k, v in r.items() if v is not None or k == "score"}, ensure_ascii=False) + "\n"
+                       for r in rows)
         tmp.write_text(text, encoding="utf-8")
     else:
         pa = _pyarrow()

@@ -242,7 +242,7 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
 
     bar = tqdm(total=len(job.pairs), initial=sum(size(c) for c in done), unit="pairs", desc=job.kind, file=sys.stderr,
                disable=not progress, dynamic_ncols=True, smoothing=0.05)
-    if done and progress:
+    if done:
         bar.write(f"resuming {state.dir}: {len(done)} of {len(job.chunks)} chunks already done", file=sys.stderr)
     if ray_address is not None:
         from .ray_job import score_chunks_on_ray
