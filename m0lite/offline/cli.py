@@ -172,7 +172,7 @@ def cmd_batch(args) -> None:
 
     result = _run(job, args, args.output)
     errors = {b.where: b.message for b in result.bad}
-    rows = {b.where: {"row": int(b.where.rsplit(":", 1)[1]), "id": None, "score": None, "error": b.message} for b in bad}
+    rows = {b.where: {"row": b.line, "id": None, "score": None, "error": b.message} for b in bad}
     for k, score in zip(order, result.scores):
         p, where = pairs[k], f"{args.input}:{pairs[k].row}"
         rows[where] = {"row": p.row, "id": p.id, "score": score, "error": errors.get(where)}

@@ -25,6 +25,7 @@ URL_PREFIXES = ("http://", "https://", "data:")
 class BadRow:
     where: str  # "file:line"
     message: str
+    line: int | None = None  # the line (or parquet row), where the reader knows it
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
@@ -264,12 +265,12 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[BadRow]]:
             raise InputError(f"{path}: cannot read as parquet ({e})") from None
     for n, obj in rows:
         if isinstance(obj, str):
-            bad.append(BadRow(f"{path}:{n}", obj))
+            bad.append(BadRow(f"{path}:{n}", obj, n))
             continue
         try:
             pairs.append(_pair(obj, n, base))
         except ValueError as e:
-            bad.append(BadRow(f"{path}:{n}", str(e)))
+            bad.append(BadRow(f"{path}:{n}", str(e), n))
     return pairs, bad
 
 

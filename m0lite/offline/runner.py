@@ -237,8 +237,10 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
         threads = s.threads or torch.get_num_threads()
     done = state.open({"version": MANIFEST_VERSION, "kind": job.kind, "inputs": job.digest(), **s.manifest(threads)})
     todo = [c for c in range(len(job.chunks)) if c not in done]
-    size = lambda c: job.chunks[c][1] - job.chunks[c][0]  # noqa: E731
     from tqdm.auto import tqdm
+
+    def size(c: int) -> int:
+        return job.chunks[c][1] - job.chunks[c][0]
 
     bar = tqdm(total=len(job.pairs), initial=sum(size(c) for c in done), unit="pairs", desc=job.kind, file=sys.stderr,
                disable=not progress, dynamic_ncols=True, smoothing=0.05)
