@@ -326,6 +326,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # raised inside Ray Data, not by m0lite
 def test_ray_gives_the_same_files(local_ray, tiny_ckpt, beir, pairs_file, tmp_path):
     for name, args in (("scores.jsonl", lambda o: batch_args(tiny_ckpt, pairs_file, o, "--chunk-pairs", "6")),
                        ("run.trec", lambda o: eval_args(tiny_ckpt, beir, o, "--chunk-pairs", "16"))):

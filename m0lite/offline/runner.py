@@ -242,8 +242,10 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
     def size(c: int) -> int:
         return job.chunks[c][1] - job.chunks[c][0]
 
-    bar = tqdm(total=len(job.pairs), initial=sum(size(c) for c in done), unit="pairs", desc=job.kind, file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    # Always pairs/s (tqdm would flip a slow rate to s/pair), and the time left.
+    bar = tqdm(total=len(job.pairs), initial=sum(size(c) for c in done), unit=" pairs", desc=job.kind, file=sys.stderr,
+               disable=not progress, dynamic_ncols=True, smoothing=0.05,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     if done:
         bar.write(f"resuming {state.dir}: {len(done)} of {len(job.chunks)} chunks already done", file=sys.stderr)
     if ray_address is not None:
