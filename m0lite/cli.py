@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_serve_arguments(p)
         p.set_defaults(func=serve)
+
+    from .offline.cli import add_offline_commands  # `m0lite eval`, `m0lite batch`
+    add_offline_commands(sub)
     return parser
 
 
