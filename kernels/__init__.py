@@ -32,7 +32,7 @@ def _triton(name):
     return globals().get(name) or __getattr__(name)
 
 
-__all__ = ["cu_seqlens", "rms_norm", "attention", "attention_with_past", "rms_norm_torch", "attention_torch",
+__all__ = ["cu_seqlens", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
            "attention_with_past_torch", "rms_norm_triton", "attention_triton", "attention_with_past_triton"]
 
 
@@ -66,3 +66,11 @@ def attention_with_past(q, k, v, cu_seqlens, past, scale=None):
     """Causal attention of each sequence over `past[i]` = (k, v) of its cached prefix, then itself."""
     fn = _triton("attention_with_past_triton") if _use_triton(q) else attention_with_past_torch
     return fn(q, k, v, cu_seqlens, past, scale)
+
+
+def causal_attention(q, k, v, cu_seqlens, max_seqlen, past=None):
+    """The decoder's attention: causal within each sequence, after its cached prefix's keys/values if
+    `past` (one (k, v) per sequence) is given."""
+    if past is None:
+        return attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+    return attention_with_past(q, k, v, cu_seqlens, past)

@@ -73,10 +73,7 @@ class Attention(nn.Module):
         k, v = self.kv(x, cos, sin)  # (T, nkv, hd)
         if keep is not None:
             keep.append((k, v))
-        if past is None:
-            out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
-        else:
-            out = kernels.attention_with_past(q, k, v, cu_seqlens, past)
+        out = kernels.causal_attention(q, k, v, cu_seqlens, max_seqlen, past)  # (T, nh, hd)
         return self.o_proj(out.flatten(1))  # (T, nh * hd) -> (T, hidden)
 
 

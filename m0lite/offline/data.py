@@ -44,25 +44,8 @@ def image_source(value, base: Path):
     return value
 
 
-def _json_lines(path: Path):
-    """(line number, parsed object or the error text) for each non-blank line."""
-    try:
-        f = path.open(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, f"not JSON ({e.msg} at column {e.colno})"
-                continue
-            yield n, obj if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})"
-
-
 def _text_lines(path: Path):
+    """(line number, line) for each non-blank line of a UTF-8 file."""
     try:
         f = path.open(encoding="utf-8")
     except OSError as e:
@@ -71,6 +54,17 @@ def _text_lines(path: Path):
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield n, line.rstrip("\n")
+
+
+def _json_lines(path: Path):
+    """(line number, parsed object or the error text) for each non-blank line."""
+    for n, line in _text_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, f"not JSON ({e.msg} at column {e.colno})"
+            continue
+        yield n, obj if isinstance(obj, dict) else f"not a JSON object (got {type(obj).__name__})"
 
 
 # ---- BEIR ---------------------------------------------------------------------------------------

@@ -80,11 +80,7 @@ class FastDecoderLayer(nn.Module):
         q, k, v = rowwise(self._qkv, x, cos, sin)
         if keep is not None:
             keep.append((k, v))
-        if past is None:
-            a = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
-        else:
-            a = kernels.attention_with_past(q, k, v, cu_seqlens, past)
-        a = a.flatten(1)  # (T, nh * hd), before o_proj
+        a = kernels.causal_attention(q, k, v, cu_seqlens, max_seqlen, past).flatten(1)  # (T, nh * hd), before o_proj
         if rows is not None:
             a, x = a[rows], x[rows]
         return rowwise(self._out, a, x)
