@@ -90,12 +90,17 @@ class FakeReranker:
         digest = hashlib.sha256(f"{cls.key(query)}\0{cls.key(doc)}".encode()).digest()
         return int.from_bytes(digest[:4], "big") / 2**32
 
-    def score_pairs(self, pairs, normalize=True):
+    def score_pairs(self, pairs, normalize=True, **kw):
         self.calls.append([self.key(d) for _, d in pairs])
         time.sleep(self.delay)
         if any(isinstance(d, str) and d == "BOOM" for _, d in pairs):
             raise InputError("pairs[0] document: BOOM")
-        return [self.expected(q, d) for q, d in pairs], [len(self.key(q)) + len(self.key(d)) for q, d in pairs]
+        raw = [2 * self.expected(q, d) for q, d in pairs]
+        return [self.normalize(r) for r in raw] if normalize else raw, [len(self.key(q)) + len(self.key(d)) for q, d in pairs]
+
+    @staticmethod
+    def normalize(raw: float) -> float:
+        return raw / 2  # exact in floating point: the normalised score is `expected` itself
 
     def count_tokens(self, text: str) -> int:
         return len(text)
@@ -119,12 +124,12 @@ def run_concurrently(app, bodies: list[dict], stop: bool = True) -> list[httpx.R
         return asyncio.run(gather_posts(app, bodies))
     finally:
         if stop:
-            app.state.batcher.stop()
+            app.state.scheduler.stop()
 
 
 def assert_ranked(data: dict, n_docs: int, top_n: int | None = None) -> None:
     """The Jina response shape: best first, distinct indices in range."""
-    assert set(data) == {"model", "usage", "results"}
+    assert set(data) == {"id", "model", "usage", "results"}
     assert isinstance(data["usage"]["total_tokens"], int)
     results = data["results"]
     assert len(results) == min(top_n or n_docs, n_docs)
@@ -239,7 +244,7 @@ def test_bad_requests_get_clear_errors():
             assert "Traceback" not in detail and "root:" not in detail
         assert c.get("/health").json()["status"] == "ok"
         # The fake never saw any of them: every bad request was stopped before the model.
-        assert c.app.state.batcher.stats["pairs"] == 0
+        assert c.app.state.scheduler.stats["pairs"] == 0
 
 
 def test_limits():
@@ -372,7 +377,7 @@ def test_deadline_504_and_expired_requests_are_not_scored():
     assert first.status_code == 504 and second.status_code == 504
     assert "--request-timeout" in first.json()["detail"]
     time.sleep(0.6)  # let the worker finish "first" and reach "second"
-    app.state.batcher.stop()
+    app.state.scheduler.stop()
     assert fake.calls == [["first"]]  # "second" passed its deadline in the queue: never scored
 
 

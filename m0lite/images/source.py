@@ -104,13 +104,19 @@ def _looks_like_path(s: str) -> bool:
 
 def _is_image_header(data: bytes) -> bool:
     """Whether Pillow recognises `data` as the start of an image (reads the header only)."""
-    from PIL import Image
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)):
-            return True
-    except Exception:  # Pillow raises many kinds on bytes that are not an image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)):
+                return True
+    except UnidentifiedImageError:
         return False
+    except Exception:  # a format was recognised, then refused (a bomb, a broken header): decoding says why
+        return True
 
 
 def _b64decode(payload: str, name: str, max_bytes: int) -> bytes:
