@@ -92,18 +92,23 @@ class InputLoader:
     async def prepare(self, task: Task, deadline: float) -> tuple[list[tuple[Any, Any]], list[Cost]]:
         """The task's pairs with images as model-sized PIL images, and each pair's cost."""
         sides = _distinct_sides(task)
-        images = [(x, where) for x, where, _ in sides if isinstance(x, ImageInput)]
-        loaded: dict[int, Image.Image] = {}
+        # Each distinct source once: a request repeating one image decodes it once.
+        images: dict[str, str] = {}
+        for x, where, _ in sides:
+            if isinstance(x, ImageInput):
+                images.setdefault(x.image, where)
+        by_source: dict[str, Image.Image] = {}
         if images:
-            heads = await self._run([(self._head, x.image, where) for x, where in images], deadline)
+            heads = await self._run([(self._head, src, where) for src, where in images.items()], deadline)
             pixels = sum(w * h for _, _, (w, h) in heads)
             if pixels > self.settings.max_request_pixels:
                 raise RequestTooLarge(f"request's images have {pixels:,} pixels in all, over the limit of "
                                       f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
-            jobs = [(self._decode, data, name, where, size) for (data, name, size), (_, where) in zip(heads, images)]
+            jobs = [(self._decode, data, name, where, size)
+                    for (data, name, size), where in zip(heads, images.values())]
             del heads
-            for (x, _), image in zip(images, await self._run(jobs, deadline)):
-                loaded[id(x)] = image
+            by_source = dict(zip(images, await self._run(jobs, deadline)))
+        loaded = {id(x): by_source[x.image] for x, _, _ in sides if isinstance(x, ImageInput)}
         if not task.truncate:
             await self._refuse_cut(task, deadline)
         pairs, costs = [], []
