@@ -789,9 +789,43 @@ def test_scheduler_fills_a_pass_shortest_first_under_the_token_budget():
     finally:
         sched.stop()
     assert calls[0] == ["a0", "a1"]  # 80 tokens: a third pair would pass the budget of 100
-    # The oldest request keeps one pair a pass; the rest goes shortest request first, within budget.
-    assert calls[1] == ["a2", "c0", "b0", "b1"], calls
+    # Shortest request first, within the budget.
+    assert calls[1] == ["c0", "b0", "b1", "a2"], calls
     assert calls[2:] == [["a3", "a4"], ["a5"]], calls
+
+
+def test_scheduler_starves_no_request():
+    from m0lite.server.scheduler import Cost, Scheduler
+
+    calls = []
+
+    def score(pairs):
+        calls.append(list(pairs))
+        time.sleep(0.02)
+        return [0.0] * len(pairs), [1] * len(pairs)
+
+    sched = Scheduler(score, max_pass_pairs=8, max_pass_tokens=100, batch_wait_s=0.01)
+
+    async def go():
+        deadline = time.monotonic() + 30
+        big = asyncio.ensure_future(sched.score([f"big{i}" for i in range(3)], deadline, [Cost(90)] * 3))
+
+        async def chain(name):  # a client sending small requests back to back
+            for k in range(15):
+                await sched.score([f"{name}{k}"], deadline, [Cost(20)])
+
+        # Two such clients keep a small request waiting at every pass; each is cheaper than the large
+        # request's pairs, and a pass cannot hold both, so shortest-first alone would starve it.
+        await asyncio.gather(chain("s"), chain("t"), big)
+
+    try:
+        asyncio.run(go())
+    finally:
+        sched.stop()
+    big_passes = [k for k, call in enumerate(calls) if any(p.startswith("big") for p in call)]
+    small_passes = [k for k, call in enumerate(calls) if not any(p.startswith("big") for p in call)]
+    assert len(big_passes) == 3 and big_passes[-1] < small_passes[-1] - 5, calls  # done while the others ran
+    assert all(b - a <= 3 for a, b in zip([-1, *big_passes], big_passes)), calls
 
 
 def test_request_budgets_answer_413():

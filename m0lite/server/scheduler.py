@@ -5,10 +5,10 @@ costs about as much as over few (every pass reads all the weights). So every
 request hands its (query, document) pairs, each with its cost (prompt tokens,
 image patches), to one `Scheduler`, and awaits a future. The model thread
 builds each pass under a budget (pairs, tokens, patches) and fills it
-shortest-request-first across the requests waiting, after one pair of the
-oldest request so that nothing starves; a large request thus runs a few pairs
-per pass and a small request arriving meanwhile waits for at most the pass in
-hand. This is sound because a pair's score does not depend on the other pairs
+shortest-request-first across the requests waiting, after one pair of each
+request that the last pass left out, so that nothing starves; a large request
+thus runs a few pairs per pass, and a small request arriving meanwhile waits
+for at most the pass in hand. This is sound because a pair's score does not depend on the other pairs
 in its pass.
 
 Overload, deadlines and disconnects never hang a request, nor waste the model:
@@ -65,6 +65,7 @@ class _Job:
     tokens: list = field(init=False)
     next: int = 0  # pairs before it have been taken into a pass
     done: int = 0  # pairs scored
+    starved: int = 0  # passes in a row that took none of its pairs
     failed: bool = False
 
     def __post_init__(self):
@@ -230,37 +231,34 @@ class Scheduler:
             self.on_drop(reason, left)
 
     def _take_pass(self) -> list[tuple[_Job, int]]:
-        """Pairs for one pass (called under the lock): the oldest request's next pair first, then
-        shortest-request-first until the pass budget is spent. A pair over the budget alone runs alone."""
+        """Pairs for one pass (called under the lock), shortest request first until the pass budget
+        is spent; a request that got nothing from the last pass first gets one pair, so that none
+        starves. A pair over the budget alone runs alone."""
         self._jobs = [j for j in self._jobs if self._live(j)]  # no pair is in flight here
         waiting = [j for j in self._jobs if j.waiting]
         if not waiting:
             return []
-        oldest = min(waiting, key=lambda j: j.arrival)
-        order = [oldest] + sorted((j for j in waiting if j is not oldest), key=lambda j: (j.left, j.arrival))
         work: list[tuple[_Job, int]] = []
-        tokens = patches = 0
-        for job in order:
-            while job.waiting and len(work) < self.max_pass_pairs:
+        spent = [0, 0]  # tokens, patches
+
+        def take(job: _Job, most: int) -> None:
+            while job.waiting and most and len(work) < self.max_pass_pairs:
                 c = job.costs[job.next]
-                if work and (tokens + c.tokens > self.max_pass_tokens or patches + c.patches > self.max_pass_patches):
-                    break
+                if work and (spent[0] + c.tokens > self.max_pass_tokens or spent[1] + c.patches > self.max_pass_patches):
+                    return
                 work.append((job, job.next))
                 job.next += 1
-                tokens += c.tokens
-                patches += c.patches
-                if job is oldest and len(order) > 1:
-                    break  # one pair from the oldest; the rest of the pass goes shortest-first
-        if oldest.waiting and len(work) < self.max_pass_pairs:
-            # Budget left over after the others: the oldest takes more.
-            while oldest.waiting and len(work) < self.max_pass_pairs:
-                c = oldest.costs[oldest.next]
-                if tokens + c.tokens > self.max_pass_tokens or patches + c.patches > self.max_pass_patches:
-                    break
-                work.append((oldest, oldest.next))
-                oldest.next += 1
-                tokens += c.tokens
-                patches += c.patches
+                spent[0] += c.tokens
+                spent[1] += c.patches
+                most -= 1
+
+        for job in sorted((j for j in waiting if j.starved), key=lambda j: j.arrival):
+            take(job, 1)
+        for job in sorted(waiting, key=lambda j: (j.left, j.arrival)):
+            take(job, len(job.pairs))
+        served = {id(job) for job, _ in work}
+        for job in waiting:
+            job.starved = 0 if id(job) in served else job.starved + 1
         return work
 
     def _score(self, work: list[tuple[_Job, int]]) -> None:
