@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import M0liteError
+from .images import parse_image_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -27,8 +28,10 @@ DEMO_DOCUMENTS = [
 
 
 def document_arg(arg: str):
-    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text."""
-    if arg.startswith(("http://", "https://", "data:image/")):
+    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text.
+    A word that names an image file (`missing.png`) must be one: a typo is an error, not a text to rank."""
+    if arg[:8].lower().startswith(("http://", "https://")) or arg[:11].lower() == "data:image/":
+        parse_image_source(arg, allow_paths=False)  # a malformed URL or data URI fails here, naming itself
         return {"image": arg}
     path = Path(arg)
     if len(arg) < 4096 and path.is_file():
@@ -38,12 +41,15 @@ def document_arg(arg: str):
             return {"text": path.read_text(encoding="utf-8")}
         except UnicodeDecodeError:
             raise M0liteError(f"{path}: not UTF-8 text and not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})") from None
+    if len(arg) < 4096 and not any(c.isspace() for c in arg) and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise M0liteError(f"{arg}: no such file (a document named like an image file is read as one)")
     return {"text": arg}
 
 
-def print_ranking(results: list[dict], documents: list, as_json: bool) -> None:
+def print_ranking(results: list[dict], documents: list, as_json: bool, query=None) -> None:
     if as_json:
-        print(json.dumps({"results": results}, ensure_ascii=False, indent=2))
+        print(json.dumps({**({"query": query} if query is not None else {}), "results": results},
+                         ensure_ascii=False, indent=2))
         return
     print(f"{'rank':>4}  {'score':>8}  {'doc':>4}  document")
     for rank, r in enumerate(results, 1):
@@ -88,8 +94,9 @@ def cmd_demo(args) -> None:
               file=sys.stderr)
     rr = Reranker.from_pretrained(model, device=args.device, dtype=args.dtype)
     documents = [{"text": d} for d in DEMO_DOCUMENTS]
-    print(f"query: {DEMO_QUERY}")
-    print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json)
+    if not args.json:  # --json prints one JSON document and nothing else
+        print(f"query: {DEMO_QUERY}")
+    print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json, query=DEMO_QUERY)
 
 
 def build_parser() -> argparse.ArgumentParser:

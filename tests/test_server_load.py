@@ -87,6 +87,7 @@ def strict_server(tiny_ckpt, tmp_path_factory):
     with server_process(tiny_ckpt, log, "--log-level", "warning", "--request-timeout", "2",
                         "--header-timeout", "1", "--body-timeout", "1", "--max-pass-tokens", "2048",
                         "--max-request-tokens", "100000000") as (url, proc):
+        assert "MEAN NOTHING" in log.read_text()  # serve says that a random checkpoint's scores mean nothing
         yield url, proc
 
 
