@@ -54,12 +54,16 @@ class Trimmer:
         self._last = 0.0
         self.trims = 0
 
-    def __call__(self) -> None:
-        if _LIBC is None or time.monotonic() - self._last < self.min_interval_s:
-            return
+    def __call__(self) -> bool:
+        """Trim now, or return False when the last trim was too recent (the caller tries again)."""
+        if _LIBC is None:
+            return True
+        if time.monotonic() - self._last < self.min_interval_s:
+            return False
         _LIBC.malloc_trim(0)
         self._last = time.monotonic()
         self.trims += 1
+        return True
 
 
 def decode_cost(width: int, height: int) -> int:

@@ -89,7 +89,8 @@ class Scheduler:
     """One model thread around `score_fn(pairs) -> (scores, token_counts)`.
 
     `on_pass(pairs, tokens, patches, seconds)` and `on_drop(reason, pairs)` report to metrics;
-    `on_idle()` runs on the model thread whenever the queue empties (to return memory)."""
+    `on_idle()` runs on the model thread once the queue has emptied after work (to return memory),
+    and again a moment later while it returns False (it deferred)."""
 
     def __init__(self, score_fn: ScoreFn, *, max_queue: int = 64, max_pass_pairs: int = 16,
                  max_pass_tokens: int = 8192, max_pass_patches: int = 8192, batch_wait_s: float = 0.002,
@@ -184,11 +185,19 @@ class Scheduler:
     # -- model thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        idle_pending = False  # work was done since on_idle last ran to completion
         while True:
             with self._cond:
                 while not self._stopping and not any(j.waiting for j in self._jobs):
-                    if not self._cond.wait(0.2):
-                        continue
+                    if idle_pending:
+                        self._cond.release()  # on_idle may take a while; requests must still queue
+                        try:
+                            idle_pending = not self._idle()
+                        finally:
+                            self._cond.acquire()
+                        if any(j.waiting for j in self._jobs):
+                            break  # queued meanwhile: its notify came while nobody waited
+                    self._cond.wait(0.2)
                 if self._stopping:
                     return
                 if self.batch_wait_s and sum(len(j.pairs) - j.next for j in self._jobs) < self.max_pass_pairs:
@@ -201,13 +210,17 @@ class Scheduler:
                     log.exception("pass failed unexpectedly")
                     for job in {id(j): j for j, _ in work}.values():
                         self._fail(job, e)
-            with self._cond:
-                idle = not any(j.waiting for j in self._jobs)
-            if idle and self.on_idle is not None:
-                try:
-                    self.on_idle()
-                except Exception:
-                    log.exception("on_idle failed")
+            idle_pending = True
+
+    def _idle(self) -> bool:
+        """Run on_idle (the queue is empty); True once it has done its work (it may defer)."""
+        if self.on_idle is None:
+            return True
+        try:
+            return self.on_idle() is not False
+        except Exception:
+            log.exception("on_idle failed")
+            return True
 
     def _live(self, job: _Job) -> bool:
         """Still worth scoring: not failed, not abandoned by its waiter, not past its deadline."""
