@@ -924,3 +924,31 @@ def test_request_id_is_echoed_and_logged(caplog):
     by_id = {line["request_id"]: line for line in lines}
     assert by_id["abc-123"]["status"] == 200 and by_id["abc-123"]["path"] == "/v1/rerank"
     assert by_id[generated]["status"] == 422 and by_id[generated]["ms"] >= 0
+
+
+def test_image_budget_holds_decodes_to_its_bytes():
+    from m0lite.server.memory import ImageBudget
+
+    budget = ImageBudget(100)
+    order = []
+
+    def decode(name, n, seconds):
+        with budget.hold(n):
+            order.append(("start", name))
+            time.sleep(seconds)
+            order.append(("end", name))
+
+    threads = [threading.Thread(target=decode, args=("a", 60, 0.3))]
+    threads[0].start()
+    time.sleep(0.05)
+    threads += [threading.Thread(target=decode, args=("b", 60, 0.0)),  # waits: 120 > 100
+                threading.Thread(target=decode, args=("c", 30, 0.0))]  # fits beside a
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order.index(("start", "b")) > order.index(("end", "a")), order
+    assert order.index(("start", "c")) < order.index(("end", "a")), order
+    assert budget.peak <= 100 and budget.used == 0
+    with budget.hold(500):  # larger than the whole budget: it goes alone
+        assert budget.used == 500
