@@ -554,7 +554,7 @@ def test_image_download_limits(image_server):
         assert r.status_code == 200, r.text
         r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", {"image": image_server + "/noise.png"}]})
         assert r.status_code == 413 and r.json()["detail"].startswith("documents[1]:"), r.text
-        assert "20000" in r.json()["detail"]
+        assert "20000" in r.json()["detail"] and "--max-image-bytes" in r.json()["detail"]
 
 
 def test_real_server_auth(real_server, tiny_ckpt):
@@ -844,7 +844,7 @@ def test_request_budgets_answer_413():
 def test_image_errors_say_what_is_wrong():
     with client(max_image_pixels=50 * 50) as c:
         r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": base64.b64encode(bomb_png()).decode()}]})
-        assert r.status_code == 413 and "over the limit of 2,500" in r.json()["detail"], r.text
+        assert r.status_code == 413 and "over the limit of 2,500 (--max-image-pixels)" in r.json()["detail"], r.text
         assert "178" not in r.json()["detail"]
         for path in ("/etc/passwd", "page_1.png", "./scans/a.jpg"):
             r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": path}]})

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from m0lite.errors import ImageTooLargeError, InputError
+from m0lite.images import MAX_PIXELS, MIN_PIXELS
 
 from .dialects import DIALECTS, ROUTES, DialectError, list_fields, pick
 from .guard import ARRIVAL, REQUEST_ID, Guard
@@ -40,7 +41,8 @@ from .inputs import InputLoader, LoadTimeout, RequestTooLarge, check_texts
 from .memory import Trimmer
 from .metrics import Metrics
 from .scheduler import DeadlineExceeded, Overloaded, Scheduler
-from .schema import ErrorResponse, ModelCard, ModelList, describe_validation_error, json_type, parse_int
+from .schema import (ErrorResponse, ImageInput, ModelCard, ModelList, RerankResponse, TextInput,
+                     describe_validation_error, json_type, parse_int)
 from .settings import ServerSettings
 
 log = logging.getLogger("m0lite.server")
@@ -78,8 +80,9 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
                           batch_wait_s=settings.batch_wait_ms / 1000, on_pass=metrics.on_pass,
                           on_drop=metrics.on_drop, on_idle=Trimmer())
     metrics.watch(scheduler)
-    loader = InputLoader(settings, min_pixels=getattr(reranker, "min_pixels", None) or 56 * 56,
-                         max_pixels=getattr(reranker, "max_pixels", None) or 768 * 28 * 28,
+    # Images are resized at load with the reranker's own bounds, so its preprocess resizes nothing.
+    loader = InputLoader(settings, min_pixels=getattr(reranker, "min_pixels", MIN_PIXELS),
+                         max_pixels=getattr(reranker, "max_pixels", MAX_PIXELS),
                          count_tokens=getattr(reranker, "count_tokens", None), metrics=metrics)
     started = int(time.time())
 
@@ -206,8 +209,6 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
                 body = dialect.request.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[dialect.request.__name__] = body
-            from .schema import ImageInput, RerankResponse, TextInput
-
             for model in (TextInput, ImageInput, RerankResponse):
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))

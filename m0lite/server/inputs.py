@@ -200,7 +200,11 @@ class _naming:
         if exc is None:
             return False
         if isinstance(exc, ImageTooLargeError):
-            raise ImageTooLargeError(f"{self.where}: {exc}") from None
+            # The loader's limits are the server's flags: name the flag that refused the image.
+            msg = str(exc).replace("(decompression-bomb guard)", "(--max-image-pixels)")
+            if msg == str(exc) and "bytes" in msg:
+                msg += " (--max-image-bytes)"
+            raise ImageTooLargeError(f"{self.where}: {msg}") from None
         if isinstance(exc, M0liteError):
             raise ImageError(f"{self.where}: {exc}") from None
         return False
