@@ -1,14 +1,17 @@
-"""The HTTP server (`m0lite serve`): Jina-shaped answers, bad input, overload, and a fuzz run.
+"""The HTTP server (`m0lite serve`): every dialect's answers, bad input, overload, scheduling, metrics, fuzz.
 
 Two kinds of test:
 - in process (FastAPI's TestClient, or httpx over the ASGI transport) around
   `FakeReranker`, a deterministic stand-in that can be slow or fail on demand:
-  API behaviour, every bad input, auth, batching, overload, deadlines; and a
-  hypothesis fuzz run against the app around the real tiny model (no 500, ever);
+  API behaviour in every dialect (Jina, Cohere, TEI, vLLM, llama.cpp), every bad
+  input, auth, budgets, batching and fair passes, overload, deadlines, /metrics,
+  request ids; the dialects against the real tiny model (scores equal `rank`);
+  and a hypothesis fuzz run against the app around the real tiny model (no 500, ever);
 - one real server process on loopback with the tiny random checkpoint: scores
   equal `Reranker.rank` on the model card's example (images served by a local
   http.server), also under concurrent clients, and the cases that need real
-  sockets (a 50 MB body, an image URL that hangs).
+  sockets (a 50 MB body, an image URL that hangs). Load, memory, slow clients and
+  Cohere's SDK: `test_server_load.py`.
 Nothing outside 127.0.0.1 is contacted.
 """
 

@@ -25,7 +25,7 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("m0lite_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
-        self.latency = Histogram("m0lite_request_duration_seconds", "Time from arrival to the answer's start",
+        self.latency = Histogram("m0lite_request_duration_seconds", "Time from arrival to the end of the answer",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.pass_pairs = Histogram("m0lite_batch_pairs", "Pairs per model pass", buckets=PAIR_BUCKETS, registry=r)
         self.pass_tokens = Histogram("m0lite_batch_tokens", "Prompt tokens per model pass", buckets=TOKEN_BUCKETS,
