@@ -116,7 +116,7 @@ def git_state() -> tuple[str, str]:
 
 def flops(cfg: dict, prompt_tokens: list[int], image_patches: list[int]) -> float:
     """Useful FLOPs of the forward passes (2 per multiply-add; padding not counted; causal attention
-    counted as half the square). From config.json (the flat 4.x layout written by weights/writer.py)."""
+    counted as half the square). From config.json (the flat 4.x layout written by m0lite/fixtures/random_checkpoint.py)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = h // nh

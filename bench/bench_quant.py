@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--queries", type=int, default=N_QUERIES, help="fidelity queries (each against all 16 documents)")
-    ap.add_argument("--fidelity-only", action="store_true", help="skip the speed and memory runs")
+    ap.add_argument("--fidelity-only", action="store_true", help="skip the speed, memory and file-size rows")
+    ap.add_argument("--e2e-csv", type=Path, action="append", default=[],
+                    help="take speed and memory from these bench_e2e.py CSVs (sides m0lite and m0lite-int8) "
+                         "instead of running it")
     args = ap.parse_args(argv)
     folder = args.model or ensure_checkpoint(args.quick)
     model, flags = cpu_info()
@@ -130,9 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     table = []
     if not args.fidelity_only:
         by = {}
-        for r in e2e(args.workloads, args):
+        rows = [r for f in args.e2e_csv for r in csv.DictReader(open(f))] if args.e2e_csv else e2e(args.workloads, args)
+        for r in rows:
             by.setdefault(r["workload"], {})[r["side"]] = r
         for w, sides in by.items():
+            if not {"m0lite", "m0lite-int8"} <= set(sides):
+                continue
             b, q = sides["m0lite"], sides["m0lite-int8"]
             table.append({"what": f"{w} latency (s)", "bf16": float(b["lat_median_s"]), "int8": float(q["lat_median_s"]),
                           "int8 / bf16": float(q["lat_median_s"]) / float(b["lat_median_s"]), "goal": "<= 0.67 (1.5x)"})

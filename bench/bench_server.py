@@ -13,7 +13,13 @@ Every answer is classified:
     other     any other status, or a transport error (connection lost, ...)
 
 and the run fails unless sent == ok + refused + timeout, nothing is wrong or
-other, and the server process is alive and healthy at the end.
+other, and the server process is alive and healthy at the end. Meanwhile one
+more client posts requests of --big-images large single-colour images, and the
+server's RSS is sampled: idle before, peak under this mixed load, idle after.
+
+Then fairness: --small-requests 2-document requests one after another, first
+on an idle server, then while one large request (--large-docs documents of
+--large-words words) runs; p50/p99 of each, and how long the large one took.
 
 Side by side it times the same workload as direct, sequential
 `Reranker.score_pairs` calls in this process, before and after the load (the
@@ -24,6 +30,7 @@ server's pairs/s over that, i.e. what batching gains minus what HTTP costs.
     python bench/bench_server.py --model /path/to/jina-reranker-m0 --device cuda --docs 16
     python bench/bench_server.py --max-queue 2 --clients 16   # overload: expect 503s, nothing lost
     python bench/bench_server.py --max-queue 2 --clients 16 --no-backoff   # ...from impolite clients
+    python bench/bench_server.py --clients 4 --seconds 10 --large-docs 100 --big-images 8   # small run
 """
 
 from __future__ import annotations
@@ -108,7 +115,10 @@ def start_server(args, model: str, log_path: Path) -> tuple[subprocess.Popen, st
     port = free_port()
     cmd = [sys.executable, "-m", "m0lite.server", "--model", model, "--port", str(port), "--allow-private-urls",
            "--device", args.device, "--max-queue", str(args.max_queue), "--max-batch-pairs", str(args.max_batch_pairs),
-           "--request-timeout", str(args.request_timeout), "--log-level", "warning"]
+           "--request-timeout", str(args.request_timeout), "--log-level", "warning",
+           "--max-request-tokens", str(10**9), "--max-body-bytes", str(256 << 20),
+           # Packed bf16 weights change scores in the fourth decimal, and the reference here is unpacked.
+           "--pack-weights", "never"]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     log = open(log_path, "wb")
@@ -179,6 +189,102 @@ def direct_pairs_per_s(reranker: Reranker, loaded: list, k: int, seconds: float)
     return pairs / (time.perf_counter() - t0)
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+class RSSSampler:
+    """The peak of a process's resident memory, sampled every 10 ms in a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except (OSError, StopIteration):
+                return
+            time.sleep(0.01)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def big_image_b64(seed: int, side: int = 4096) -> str:
+    """A single-colour side x side PNG (a few KB of base64 that decodes to side^2 pixels)."""
+    import base64
+
+    rng = random.Random(seed)
+    img = Image.new("P", (side, side), 0)
+    img.putpalette([rng.randrange(256) for _ in range(3)] * 256)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def image_loop(url: str, n_images: int, until: float, timeout: float, out: list[dict]) -> None:
+    """Requests of n distinct large images, one after another, until `until`."""
+    seed = 1000
+    with httpx.Client(timeout=timeout) as http:
+        while time.monotonic() < until:
+            docs = [{"image": big_image_b64(seed + i)} for i in range(n_images)]
+            seed += n_images
+            t0 = time.perf_counter()
+            try:
+                r = http.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs, "return_documents": False})
+                out.append({"status": r.status_code, "ms": (time.perf_counter() - t0) * 1e3})
+            except httpx.HTTPError as e:
+                out.append({"status": f"{type(e).__name__}", "ms": 0.0})
+
+
+def small_request_ms(http: httpx.Client, url: str) -> float:
+    t0 = time.perf_counter()
+    r = http.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": [TEXTS[0], TEXTS[1]]})
+    if r.status_code != 200:
+        raise SystemExit(f"FAILED: small request answered {r.status_code}: {r.text[:300]}")
+    return (time.perf_counter() - t0) * 1e3
+
+
+def fairness(url: str, args) -> list[dict]:
+    """p50/p99 of small requests on an idle server, then while one large request runs."""
+    rng = random.Random(0)
+    words = " ".join(TEXTS).split()
+    large = {"query": QUERY, "return_documents": False,
+             "documents": [" ".join(rng.choice(words) for _ in range(args.large_words)) for _ in range(args.large_docs)]}
+    rows = []
+    with httpx.Client(timeout=args.request_timeout + 10) as http:
+        small_request_ms(http, url)  # warm
+        idle = [small_request_ms(http, url) for _ in range(args.small_requests)]
+        outcome = {}
+
+        def run_large():
+            t0 = time.perf_counter()
+            r = httpx.post(f"{url}/v1/rerank", json=large, timeout=args.request_timeout + 10)
+            outcome.update(status=r.status_code, s=time.perf_counter() - t0)
+
+        thread = threading.Thread(target=run_large)
+        thread.start()
+        time.sleep(1.0)  # its passes have started
+        loaded, during = [], 0
+        while thread.is_alive() and len(loaded) < args.small_requests:
+            loaded.append(small_request_ms(http, url))
+        during = thread.is_alive()
+        thread.join()
+    for phase, ms in (("idle server", idle), ("large request in flight", loaded)):
+        rows.append({"phase": phase, "requests": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+                     "large_docs": args.large_docs if ms is loaded else 0,
+                     "large_s": outcome.get("s", float("nan")) if ms is loaded else float("nan"),
+                     "large_status": outcome.get("status", "") if ms is loaded else "",
+                     "all_during_large": during if ms is loaded else ""})
+    return rows
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -198,6 +304,11 @@ def main() -> None:
     p.add_argument("--max-batch-pairs", type=int, default=16)
     p.add_argument("--request-timeout", type=float, default=60)
     p.add_argument("--no-backoff", action="store_true", help="retry a 503 at once instead of after Retry-After")
+    p.add_argument("--big-images", type=int, default=8,
+                   help="distinct 4096x4096 images per request of the image client during the load (0: none)")
+    p.add_argument("--small-requests", type=int, default=30, help="2-document requests per fairness phase")
+    p.add_argument("--large-docs", type=int, default=200, help="documents of the large request")
+    p.add_argument("--large-words", type=int, default=2000, help="words per document of the large request")
     args = p.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="m0lite-bench-")
@@ -223,21 +334,33 @@ def main() -> None:
     log_path = Path(tmp.name) / "server.log"
     proc, url = start_server(args, model, log_path)
     records: list[dict] = []
+    image_records: list[dict] = []
     try:
+        httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": [pool[0], pool[-1]]}, timeout=120)  # warm
+        time.sleep(1.0)
+        rss_before = rss_mb(proc.pid)
+        sampler = RSSSampler(proc.pid)
         until = time.monotonic() + args.seconds
         per_client: list[list[dict]] = [[] for _ in range(args.clients)]
         threads = [threading.Thread(target=client_loop, args=(url, pool, reference, k, until, seed,
                                                               args.request_timeout + 10, not args.no_backoff,
                                                               per_client[seed]))
                    for seed in range(args.clients)]
+        if args.big_images:
+            threads.append(threading.Thread(target=image_loop, args=(url, args.big_images, until,
+                                                                     args.request_timeout + 10, image_records)))
         t0 = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join(args.seconds + args.request_timeout + 30)
         elapsed = time.monotonic() - t0
+        rss_peak = sampler.stop()
+        time.sleep(2.0)
+        rss_after = rss_mb(proc.pid)
         hung = sum(t.is_alive() for t in threads)
         records = [r for recs in per_client for r in recs]
+        fair_rows = fairness(url, args)
         alive = proc.poll() is None
         healthy = alive and httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
@@ -269,6 +392,20 @@ def main() -> None:
                         "vs_direct", "p50_ms", "p99_ms", "ok", "refused", "timeout", "wrong", "other"])
     write_csv("server", [row])
 
+    image_ok = sum(r["status"] == 200 for r in image_records)
+    rss_row = {"model": label, "clients": args.clients, "big_images_per_req": args.big_images,
+               "image_requests": len(image_records), "image_ok": image_ok,
+               "rss_idle_before_mb": rss_before, "rss_peak_mb": rss_peak, "rss_idle_after_mb": rss_after,
+               "peak_growth_mb": rss_peak - rss_before}
+    print("\nserver RSS over the mixed load (text clients + one client of large images)")
+    print_table([rss_row], ["clients", "big_images_per_req", "image_requests", "image_ok", "rss_idle_before_mb",
+                            "rss_peak_mb", "rss_idle_after_mb", "peak_growth_mb"])
+    write_csv("server_rss", [rss_row])
+    print("\nsmall (2-document) requests, one after another: idle server, then with one large request in flight")
+    print_table(fair_rows, ["phase", "requests", "p50_ms", "p99_ms", "large_docs", "large_s", "large_status",
+                            "all_during_large"])
+    write_csv("server_fairness", fair_rows)
+
     failures = [r["why"] for r in records if r["kind"] == "other"][:5]
     problems = []
     if count["wrong"]:
@@ -281,6 +418,8 @@ def main() -> None:
         problems.append(f"{hung} clients still waiting at the end (a hang)")
     if not healthy:
         problems.append(f"server dead or unhealthy at the end:\n{log_path.read_text()[-3000:]}")
+    if image_records and image_ok != len(image_records):
+        problems.append(f"image requests failed: {[r for r in image_records if r['status'] != 200][:3]}")
     if problems:
         raise SystemExit("FAILED: " + "; ".join(problems))
     print("nothing lost: every request was answered correctly or refused with 503/504; the server is healthy")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from .errors import M0liteError
+from .options import add_quantize_arguments
+from .images import parse_image_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -27,8 +29,10 @@ DEMO_DOCUMENTS = [
 
 
 def document_arg(arg: str):
-    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text."""
-    if arg.startswith(("http://", "https://", "data:image/")):
+    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text.
+    A word that names an image file (`missing.png`) must be one: a typo is an error, not a text to rank."""
+    if arg[:8].lower().startswith(("http://", "https://")) or arg[:11].lower() == "data:image/":
+        parse_image_source(arg, allow_paths=False)  # a malformed URL or data URI fails here, naming itself
         return {"image": arg}
     path = Path(arg)
     try:
@@ -42,12 +46,15 @@ def document_arg(arg: str):
             return {"text": path.read_text(encoding="utf-8")}
         except UnicodeDecodeError:
             raise M0liteError(f"{path}: not UTF-8 text and not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})") from None
+    if len(arg) < 4096 and not any(c.isspace() for c in arg) and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise M0liteError(f"{arg}: no such file (a document named like an image file is read as one)")
     return {"text": arg}
 
 
-def print_ranking(results: list[dict], documents: list, as_json: bool) -> None:
+def print_ranking(results: list[dict], documents: list, as_json: bool, query=None) -> None:
     if as_json:
-        print(json.dumps({"results": results}, ensure_ascii=False, indent=2))
+        print(json.dumps({**({"query": query} if query is not None else {}), "results": results},
+                         ensure_ascii=False, indent=2))
         return
     print(f"{'rank':>4}  {'score':>8}  {'doc':>4}  document")
     for rank, r in enumerate(results, 1):
@@ -62,13 +69,6 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA and on CPUs with native bf16, else float32)")
     add_quantize_arguments(p)
-
-
-def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights: half the memory, a lossy mode (see README: Lean mode)")
-    p.add_argument("--int8-compute", choices=["auto", "dynamic", "weight-only"], default="auto",
-                   help="int8 x int8 (dynamic) or weight-only; auto: dynamic where the CPU has int8 matmul units")
 
 
 def load_reranker(args, **kwargs):
@@ -105,8 +105,9 @@ def cmd_demo(args) -> None:
     args.model = model
     rr = load_reranker(args)
     documents = [{"text": d} for d in DEMO_DOCUMENTS]
-    print(f"query: {DEMO_QUERY}")
-    print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json)
+    if not args.json:  # --json prints one JSON document and nothing else
+        print(f"query: {DEMO_QUERY}")
+    print_ranking(rr.rank(DEMO_QUERY, documents), documents, args.json, query=DEMO_QUERY)
 
 
 def cmd_quantize(args) -> None:

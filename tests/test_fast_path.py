@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from m0lite import InputError, Reranker
 from m0lite.transforms import chunked, onednn, pack_weights, packable
-from m0lite.transforms.chunked import FastDecoderLayer, FastVisionBlock, apply_rotary_pairs, pair_order, rowwise
+from m0lite.transforms.chunked import (ROW_MULTIPLE, FastDecoderLayer, FastVisionBlock, apply_rotary_pairs, pair_order,
+                                      rowwise)
 from m0lite.transforms.epilogue import PlainLinear
 from m0lite.transforms.onednn import CHUNK_ROWS, OneDNNLinear
 from m0lite.weights.safetensors_mmap import read_tensors
@@ -154,7 +155,8 @@ def test_rowwise_equals_the_whole(n, monkeypatch):
     calls = []
     whole = fn(x, y)
     parts = rowwise(lambda a, b: calls.append(a.shape[0]) or fn(a, b), x, y)
-    assert sum(calls) == n and max(calls, default=0) <= CHUNK_ROWS
+    # Chunks of CHUNK_ROWS, a shorter last one padded to a multiple of ROW_MULTIPLE.
+    assert calls == ([-(-min(CHUNK_ROWS, n - s) // ROW_MULTIPLE) * ROW_MULTIPLE for s in range(0, n, CHUNK_ROWS)] or [0])
     for w, p in zip(whole, parts):
         assert p.shape == w.shape
         torch.testing.assert_close(p, w, atol=1e-6, rtol=1e-6)

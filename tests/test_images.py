@@ -25,9 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from m0lite import images as mi
+from m0lite.images import fetch as mi_fetch
 from m0lite.errors import ImageError, ImageTooLargeError, InputError
-from m0lite.images import PATCH_DIM, load_image, num_visual_tokens, preprocess, smart_resize
+from m0lite.images import load_image, num_visual_tokens, preprocess, smart_resize
+from m0lite.images.preprocess import IMAGE_MEAN, IMAGE_STD, PATCH_DIM
 
 pytest.importorskip("transformers")
 from transformers.image_utils import load_image as hf_load_image  # noqa: E402
@@ -166,7 +167,7 @@ def test_merge_windows_are_contiguous():
     img = noise("RGB", 56, 56)
     pv, grid = preprocess(img)
     assert grid == (1, 4, 4) and num_visual_tokens(grid) == 4
-    arr = (np.asarray(img, dtype=np.float64) / 255 - mi.IMAGE_MEAN) / mi.IMAGE_STD
+    arr = (np.asarray(img, dtype=np.float64) / 255 - IMAGE_MEAN) / IMAGE_STD
     for row, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]):
         patch = arr[i * 14 : (i + 1) * 14, j * 14 : (j + 1) * 14].transpose(2, 0, 1)  # (C, 14, 14)
         expect = np.repeat(patch[:, None], 2, axis=1).reshape(-1)  # (C, T, 14, 14) flattened
@@ -414,7 +415,7 @@ def test_private_url_refused(server):
 
 def test_private_redirect_refused(server, monkeypatch):
     # Pretend 127.0.0.1 is public: the first hop passes, the redirect to 127.0.0.2 must not.
-    monkeypatch.setattr(mi, "_is_public_address", lambda ip: ip == "127.0.0.1")
+    monkeypatch.setattr(mi_fetch, "_is_public_address", lambda ip: ip == "127.0.0.1")
     load_image(server.url + "/redirect-ok", allow_private_urls=False)
     url = server.url + "/redirect-other-host"
     raises_clean(ImageError, lambda: load_image(url, allow_private_urls=False), url, "127.0.0.2", "non-public")
@@ -436,7 +437,7 @@ def test_redirect_to_file_refused(server):
     ],
 )  # fmt: skip
 def test_public_address_check(ip, public):
-    assert mi._is_public_address(ip) is public
+    assert mi_fetch._is_public_address(ip) is public
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x.png", "file:///etc/passwd", "gopher://127.0.0.1/"])
@@ -555,3 +556,50 @@ def test_pillow_guard_left_on():
     import m0lite.images  # noqa: F401  (importing must not switch Pillow's guard off)
 
     assert Image.MAX_IMAGE_PIXELS is not None
+
+
+# --- one parser for image sources; decoding in bounded memory ---------------------------------
+
+
+def test_parse_image_source_kinds(tmp_path):
+    from m0lite.images import parse_image_source
+
+    data = encode(noise("RGB", 32, 32))
+    b64 = base64.b64encode(data).decode()
+    path = save(tmp_path, "a.png", noise("RGB", 8, 8))
+    for allow_paths in (True, False):
+        assert parse_image_source("http://example.com/a.png", allow_paths=allow_paths).kind == "url"
+        assert parse_image_source(b64, allow_paths=allow_paths).value == data
+        assert parse_image_source("data:image/png;base64," + b64, allow_paths=allow_paths).value == data
+    assert parse_image_source(str(path), allow_paths=True).kind == "path"
+    # A JPEG's base64 starts with "/9j/": it must not be taken for a path.
+    jpeg = base64.b64encode(encode(noise("RGB", 16, 16), "JPEG")).decode()
+    assert jpeg.startswith("/9j/") and parse_image_source(jpeg, allow_paths=False).kind == "bytes"
+
+
+@pytest.mark.parametrize("src", ["/etc/passwd", "cat.png", "images/page_1", "~/x.jpg", "C:\\x.png"])
+def test_path_where_paths_are_not_read(src):
+    from m0lite.images import parse_image_source
+
+    raises_clean(ImageError, lambda: parse_image_source(src, allow_paths=False),
+                 "not an http(s) URL, a data URI or valid base64", "looks like a file path")
+    raises_clean(ImageError, lambda: load_image(src, allow_paths=False), "looks like a file path")
+
+
+def test_bomb_message_quotes_the_configured_limit(tmp_path):
+    data = png_declaring(30000, 30000)  # over twice Pillow's limit: Pillow refuses in Image.open
+    err = raises_clean(ImageTooLargeError, lambda: load_image(data, max_pixels=10**6), "900000000 pixels", "1,000,000")
+    assert "178" not in str(err) and "MAX_IMAGE_PIXELS" not in str(err)
+    err = raises_clean(ImageTooLargeError, lambda: load_image(data), "89,478,485")
+
+
+@pytest.mark.parametrize("w,h", [(56, 56), (640, 480), (3000, 20), (1000, 1000), (10, 10)])
+def test_resize_for_model_is_idempotent(w, h):
+    from m0lite.images.preprocess import resize_for_model
+
+    img = noise("RGB", w, h)
+    small = resize_for_model(img)
+    assert resize_for_model(small) is small or resize_for_model(small).tobytes() == small.tobytes()
+    pv, grid = preprocess(img)
+    pv2, grid2 = preprocess(small)
+    assert grid == grid2 and torch.equal(pv, pv2)

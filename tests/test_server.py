@@ -1,14 +1,17 @@
-"""The HTTP server (`m0lite serve`): Jina-shaped answers, bad input, overload, and a fuzz run.
+"""The HTTP server (`m0lite serve`): every dialect's answers, bad input, overload, scheduling, metrics, fuzz.
 
 Two kinds of test:
 - in process (FastAPI's TestClient, or httpx over the ASGI transport) around
   `FakeReranker`, a deterministic stand-in that can be slow or fail on demand:
-  API behaviour, every bad input, auth, batching, overload, deadlines; and a
-  hypothesis fuzz run against the app around the real tiny model (no 500, ever);
+  API behaviour in every dialect (Jina, Cohere, TEI, vLLM, llama.cpp), every bad
+  input, auth, budgets, batching and fair passes, overload, deadlines, /metrics,
+  request ids; the dialects against the real tiny model (scores equal `rank`);
+  and a hypothesis fuzz run against the app around the real tiny model (no 500, ever);
 - one real server process on loopback with the tiny random checkpoint: scores
   equal `Reranker.rank` on the model card's example (images served by a local
   http.server), also under concurrent clients, and the cases that need real
-  sockets (a 50 MB body, an image URL that hangs).
+  sockets (a 50 MB body, an image URL that hangs). Load, memory, slow clients and
+  Cohere's SDK: `test_server_load.py`.
 Nothing outside 127.0.0.1 is contacted.
 """
 
@@ -20,13 +23,10 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import random
 import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -44,8 +44,9 @@ from PIL import Image  # noqa: E402
 from m0lite.errors import InputError  # noqa: E402
 from m0lite.cli import DEMO_DOCUMENTS  # noqa: E402
 from m0lite.server import ServerSettings, build_app  # noqa: E402
+from tests.server_process import server_process  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+
 
 # --- helpers ---------------------------------------------------------------
 
@@ -90,12 +91,17 @@ class FakeReranker:
         digest = hashlib.sha256(f"{cls.key(query)}\0{cls.key(doc)}".encode()).digest()
         return int.from_bytes(digest[:4], "big") / 2**32
 
-    def score_pairs(self, pairs, normalize=True):
+    def score_pairs(self, pairs, normalize=True, **kw):
         self.calls.append([self.key(d) for _, d in pairs])
         time.sleep(self.delay)
         if any(isinstance(d, str) and d == "BOOM" for _, d in pairs):
             raise InputError("pairs[0] document: BOOM")
-        return [self.expected(q, d) for q, d in pairs], [len(self.key(q)) + len(self.key(d)) for q, d in pairs]
+        raw = [2 * self.expected(q, d) for q, d in pairs]
+        return [self.normalize(r) for r in raw] if normalize else raw, [len(self.key(q)) + len(self.key(d)) for q, d in pairs]
+
+    @staticmethod
+    def normalize(raw: float) -> float:
+        return raw / 2  # exact in floating point: the normalised score is `expected` itself
 
     def count_tokens(self, text: str) -> int:
         return len(text)
@@ -119,12 +125,12 @@ def run_concurrently(app, bodies: list[dict], stop: bool = True) -> list[httpx.R
         return asyncio.run(gather_posts(app, bodies))
     finally:
         if stop:
-            app.state.batcher.stop()
+            app.state.scheduler.stop()
 
 
 def assert_ranked(data: dict, n_docs: int, top_n: int | None = None) -> None:
     """The Jina response shape: best first, distinct indices in range."""
-    assert set(data) == {"model", "usage", "results"}
+    assert set(data) == {"id", "model", "usage", "results"}
     assert isinstance(data["usage"]["total_tokens"], int)
     results = data["results"]
     assert len(results) == min(top_n or n_docs, n_docs)
@@ -239,7 +245,7 @@ def test_bad_requests_get_clear_errors():
             assert "Traceback" not in detail and "root:" not in detail
         assert c.get("/health").json()["status"] == "ok"
         # The fake never saw any of them: every bad request was stopped before the model.
-        assert c.app.state.batcher.stats["pairs"] == 0
+        assert c.app.state.scheduler.stats["pairs"] == 0
 
 
 def test_limits():
@@ -372,7 +378,7 @@ def test_deadline_504_and_expired_requests_are_not_scored():
     assert first.status_code == 504 and second.status_code == 504
     assert "--request-timeout" in first.json()["detail"]
     time.sleep(0.6)  # let the worker finish "first" and reach "second"
-    app.state.batcher.stop()
+    app.state.scheduler.stop()
     assert fake.calls == [["first"]]  # "second" passed its deadline in the queue: never scored
 
 
@@ -475,12 +481,6 @@ def image_server():
     server.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BODY_CAP = 1 << 20
@@ -490,37 +490,11 @@ BODY_CAP = 1 << 20
 def real_server(tiny_ckpt, tmp_path_factory):
     """`python -m m0lite.server` on the tiny checkpoint; yields its base URL; always killed."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    port = free_port()
-    cmd = [sys.executable, "-m", "m0lite.server", "--model", str(tiny_ckpt), "--port", str(port),
-           "--api-key", API_KEY, "--allow-private-urls", "--image-timeout", "1", "--max-body-bytes", str(BODY_CAP),
-           "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
-           "--doc-cache-mb", "16"]  # repeated documents take the cached path; scores must not change
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):  # up to 60 s
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not come up:\n{log_path.read_text()[-3000:]}")
+    flags = ["--api-key", API_KEY, "--allow-private-urls", "--image-timeout", "1", "--max-body-bytes", str(BODY_CAP),
+             "--log-level", "warning",
+             "--doc-cache-mb", "16"]  # repeated documents take the cached path; scores must not change
+    with server_process(tiny_ckpt, log_path, *flags) as (url, _):
         yield url
-        assert proc.poll() is None, f"server died:\n{log_path.read_text()[-3000:]}"
-        assert "internal error" not in log_path.read_text(), log_path.read_text()[-5000:]  # no 500 ever
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def card_documents(image_server: str) -> list[dict]:
@@ -583,7 +557,7 @@ def test_image_download_limits(image_server):
         assert r.status_code == 200, r.text
         r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", {"image": image_server + "/noise.png"}]})
         assert r.status_code == 413 and r.json()["detail"].startswith("documents[1]:"), r.text
-        assert "20000" in r.json()["detail"]
+        assert "20000" in r.json()["detail"] and "--max-image-bytes" in r.json()["detail"]
 
 
 def test_real_server_auth(real_server, tiny_ckpt):
@@ -669,3 +643,315 @@ def test_bad_images_on_the_real_server(real_server, image_server):
                    content=b'{"query": "q", "documents": [')
     assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
     assert httpx.get(f"{real_server}/health").json()["status"] == "ok"
+
+
+# --- dialects ----------------------------------------------------------------------
+
+
+def test_dialect_shapes():
+    docs = ["alpha", "beta", "gamma"]
+    want = {i: FakeReranker.expected("q", d) for i, d in enumerate(docs)}
+    best_first = sorted(want, key=lambda i: -want[i])
+    with client() as c:
+        # TEI: a list best first; raw_scores are the scores before normalising; text only when asked.
+        r = c.post("/rerank", json={"query": "q", "texts": docs})
+        assert r.status_code == 200, r.text
+        assert r.json() == [{"index": i, "score": want[i]} for i in best_first]
+        r = c.post("/rerank", json={"query": "q", "texts": docs, "raw_scores": True, "return_text": True})
+        assert r.json() == [{"index": i, "score": 2 * want[i], "text": docs[i]} for i in best_first]
+        # vLLM and llama.cpp: Jina's shape with an id, on every alias.
+        for path in ("/rerank", "/reranking", "/v1/reranking", "/v1/rerank"):
+            r = c.post(path, json={"query": "q", "documents": docs, "top_n": 2})
+            assert r.status_code == 200, (path, r.text)
+            assert_ranked(r.json(), 3, top_n=2)
+            assert [x["index"] for x in r.json()["results"]] == best_first[:2]
+            assert r.json()["results"][0]["document"] == {"text": docs[best_first[0]]}
+        # Cohere: v2 at its own route; v1 when the client is Cohere's SDK. No documents unless asked.
+        for path, headers, version in [("/v2/rerank", {}, "2"), ("/v1/rerank", {"X-Fern-SDK-Name": "cohere"}, "1")]:
+            r = c.post(path, json={"model": "m", "query": "q", "documents": docs}, headers=headers)
+            data = r.json()
+            assert set(data) == {"id", "results", "meta"} and data["meta"]["api_version"]["version"] == version
+            assert data["results"] == [{"index": i, "relevance_score": want[i]} for i in best_first]
+        r = c.post("/v2/rerank", json={"query": "q", "documents": docs, "return_documents": True})
+        assert r.json()["results"][0]["document"] == {"text": docs[best_first[0]]}
+        # vLLM /score: input order, one query to many or pairwise.
+        for path in ("/score", "/v1/score"):
+            r = c.post(path, json={"model": "m", "text_1": "q", "text_2": docs})
+            data = r.json()
+            assert data["object"] == "list" and data["usage"]["prompt_tokens"] == data["usage"]["total_tokens"] > 0
+            assert data["data"] == [{"index": i, "object": "score", "score": want[i]} for i in range(3)]
+        r = c.post("/score", json={"text_1": ["q", "p"], "text_2": ["alpha", "beta"]})
+        assert [x["score"] for x in r.json()["data"]] == [FakeReranker.expected("q", "alpha"),
+                                                           FakeReranker.expected("p", "beta")]
+        r = c.post("/score", json={"text_1": "q", "text_2": "alpha"})
+        assert [x["score"] for x in r.json()["data"]] == [want[0]]
+
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("/score", {"text_1": ["a", "b"], "text_2": ["x", "y", "z"]}, 422, "text_1 has 2 items and text_2 3"),
+    ("/score", {"text_1": "q"}, 422, "text_2: is required"),
+    ("/score", {"text_1": "", "text_2": ["x"]}, 422, "text_1[0] is empty"),
+    ("/rerank", {"query": "q", "texts": "abc"}, 422, "texts: expected an array"),
+    ("/rerank", {"query": "q", "texts": ["a", 3]}, 422, "texts[1]: expected a string"),
+    ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores: expected true or false"),
+    ("/rerank", {"query": "q", "texts": ["a"], "truncate": True, "truncation_direction": "Left"}, 422, "Right"),
+    ("/v2/rerank", {"query": "q"}, 422, "documents: is required"),
+    ("/v1/rerank", b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}", 422,
+     "top_n: expected a non-negative integer, got a 5000-digit number"),
+])
+def test_dialect_errors(path, body, status, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with client() as c:
+        r = c.post(path, content=content, headers={"content-type": "application/json"})
+        assert r.status_code == status and words in r.json()["detail"], r.text
+        assert "set_int_max_str_digits" not in r.text
+
+
+def test_tei_truncate_false_refuses_what_the_model_would_cut():
+    # max_length 64, max_query_length 16: a document is read whole below 48 tokens (the fake counts chars).
+    with client(max_length=64, max_query_length=16) as c:
+        body = {"query": "q", "texts": ["short", "x" * 100]}
+        r = c.post("/rerank", json=body)
+        assert r.status_code == 413 and r.json()["detail"].startswith("texts[1]: 100 tokens"), r.text
+        assert "truncate=true" in r.json()["detail"]
+        assert c.post("/rerank", json={**body, "truncate": True}).status_code == 200
+        assert c.post("/v1/rerank", json={"query": "q", "documents": body["texts"]}).status_code == 200
+
+
+def test_tiny_model_scores_equal_rank_in_every_dialect(tiny_reranker):
+    docs = DEMO_DOCUMENTS
+    ranked = tiny_reranker.rank(QUERY, docs)
+    raw, _ = tiny_reranker.score_pairs([(QUERY, d) for d in docs], normalize=False)
+    want = {x["index"]: x["relevance_score"] for x in ranked}
+    with client(tiny_reranker) as c:
+        jina = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()["results"]
+        assert [(x["index"], x["relevance_score"]) for x in jina] == [(x["index"], x["relevance_score"]) for x in ranked]
+        tei = c.post("/rerank", json={"query": QUERY, "texts": docs, "truncate": True}).json()
+        assert [(x["index"], x["score"]) for x in tei] == [(x["index"], x["relevance_score"]) for x in ranked]
+        tei_raw = c.post("/rerank", json={"query": QUERY, "texts": docs, "raw_scores": True, "truncate": True}).json()
+        assert {x["index"]: x["score"] for x in tei_raw} == dict(enumerate(raw))
+        score = c.post("/score", json={"text_1": QUERY, "text_2": docs}).json()["data"]
+        assert [x["score"] for x in score] == [want[i] for i in range(len(docs))]
+
+
+# --- fairness, budgets, metrics, request ids ---------------------------------------
+
+
+def test_small_request_overtakes_a_large_one():
+    fake = FakeReranker(delay=0.05)
+    app = build_app(fake, ServerSettings(max_batch_pairs=4, batch_wait_ms=0))
+    big = {"query": "q", "documents": [f"big-{i}" for i in range(40)]}
+    small = {"query": "q", "documents": ["small-0", "small-1"]}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            big_task = asyncio.ensure_future(c.post("/v1/rerank", json=big))
+            await asyncio.sleep(0.12)  # the large request is running
+            r = await c.post("/v1/rerank", json=small)
+            assert not big_task.done()  # answered while the large one still runs
+            return r, await big_task
+
+    try:
+        r_small, r_big = asyncio.run(go())
+    finally:
+        app.state.scheduler.stop()
+    assert r_small.status_code == 200 and r_big.status_code == 200
+    first = next(k for k, call in enumerate(fake.calls) if "small-0" in call)
+    assert first <= 3, fake.calls  # within a pass or two of arriving, not after the 10 passes of the big one
+    assert "small-1" in fake.calls[first]  # both its pairs in one pass
+    assert sum(len(call) for call in fake.calls) == 42 and max(len(call) for call in fake.calls) <= 4
+
+
+def test_scheduler_fills_a_pass_shortest_first_under_the_token_budget():
+    from m0lite.server.scheduler import Cost, Scheduler
+
+    calls, first_pass = [], threading.Event()
+
+    def score(pairs):
+        calls.append(list(pairs))
+        first_pass.wait(10)  # the first pass runs until the other requests have queued
+        return [0.0] * len(pairs), [1] * len(pairs)
+
+    sched = Scheduler(score, max_pass_pairs=8, max_pass_tokens=100, batch_wait_s=0)
+
+    async def go():
+        deadline = time.monotonic() + 20
+        a = asyncio.ensure_future(sched.score([f"a{i}" for i in range(6)], deadline, [Cost(40)] * 6))
+        while not calls:
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(sched.score(["b0", "b1"], deadline, [Cost(10), Cost(10)]))
+        c = asyncio.ensure_future(sched.score(["c0"], deadline, [Cost(5)]))
+        while sched.queued < 3:
+            await asyncio.sleep(0.01)
+        first_pass.set()
+        await asyncio.gather(a, b, c)
+
+    try:
+        asyncio.run(go())
+    finally:
+        sched.stop()
+    assert calls[0] == ["a0", "a1"]  # 80 tokens: a third pair would pass the budget of 100
+    # Shortest request first, within the budget.
+    assert calls[1] == ["c0", "b0", "b1", "a2"], calls
+    assert calls[2:] == [["a3", "a4"], ["a5"]], calls
+
+
+def test_scheduler_starves_no_request():
+    from m0lite.server.scheduler import Cost, Scheduler
+
+    calls = []
+
+    def score(pairs):
+        calls.append(list(pairs))
+        time.sleep(0.02)
+        return [0.0] * len(pairs), [1] * len(pairs)
+
+    sched = Scheduler(score, max_pass_pairs=8, max_pass_tokens=100, batch_wait_s=0.01)
+
+    async def go():
+        deadline = time.monotonic() + 30
+        big = asyncio.ensure_future(sched.score([f"big{i}" for i in range(3)], deadline, [Cost(90)] * 3))
+
+        async def chain(name):  # a client sending small requests back to back
+            for k in range(15):
+                await sched.score([f"{name}{k}"], deadline, [Cost(20)])
+
+        # Two such clients keep a small request waiting at every pass; each is cheaper than the large
+        # request's pairs, and a pass cannot hold both, so shortest-first alone would starve it.
+        await asyncio.gather(chain("s"), chain("t"), big)
+
+    try:
+        asyncio.run(go())
+    finally:
+        sched.stop()
+    big_passes = [k for k, call in enumerate(calls) if any(p.startswith("big") for p in call)]
+    small_passes = [k for k, call in enumerate(calls) if not any(p.startswith("big") for p in call)]
+    assert len(big_passes) == 3 and big_passes[-1] < small_passes[-1] - 5, calls  # done while the others ran
+    assert all(b - a <= 3 for a, b in zip([-1, *big_passes], big_passes)), calls
+
+
+def test_request_budgets_answer_413():
+    with client(max_request_tokens=100) as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["x" * 200, "y" * 200]})
+        assert r.status_code == 413 and "--max-request-tokens" in r.json()["detail"], r.text
+        assert "prompt tokens over its 2 pairs" in r.json()["detail"]
+        assert c.post("/v1/rerank", json={"query": "q", "documents": ["x" * 20]}).status_code == 200
+    with client(max_request_pixels=64 * 48 * 2 - 1) as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": PNG_B64}, {"image": "data:image/png;base64,"
+                                                                                       + base64.b64encode(png(64, 48, (1, 2, 3))).decode()}]})
+        assert r.status_code == 413 and "--max-request-pixels" in r.json()["detail"], r.text
+        assert c.post("/v1/rerank", json={"query": "q", "documents": [{"image": PNG_B64}]}).status_code == 200
+
+
+def test_image_errors_say_what_is_wrong():
+    with client(max_image_pixels=50 * 50) as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": base64.b64encode(bomb_png()).decode()}]})
+        assert r.status_code == 413 and "over the limit of 2,500 (--max-image-pixels)" in r.json()["detail"], r.text
+        assert "178" not in r.json()["detail"]
+        for path in ("/etc/passwd", "page_1.png", "./scans/a.jpg"):
+            r = c.post("/v1/rerank", json={"query": "q", "documents": [{"image": path}]})
+            assert r.status_code == 422 and "looks like a file path" in r.json()["detail"], r.text
+            assert "bytes of image data" not in r.json()["detail"]
+
+
+def test_openapi_states_every_route_and_refuses_an_empty_query():
+    with client() as c:
+        schema = c.get("/openapi.json").json()
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank", "/score", "/v1/score", "/reranking", "/v1/reranking"):
+        assert "post" in schema["paths"][path], path
+    components = schema["components"]["schemas"]
+    for name in ("RerankRequest", "CohereRerankRequest", "TEIRerankRequest", "ScoreRequest"):
+        assert name in components
+    variants = components["RerankRequest"]["properties"]["query"]["anyOf"]
+    text = next(v for v in variants if v.get("type") == "string")
+    assert text["minLength"] == 1 and text["pattern"] == "\\S"
+    obj = next(v for v in variants if v.get("type") == "object" and "text" in v["properties"])
+    assert obj["properties"]["text"]["minLength"] == 1
+
+
+def _metrics(c) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_what_was_sent(tiny_reranker):
+    with client(tiny_reranker) as c:
+        before = _metrics(c)
+        sizes = [1, 2, 3]
+        for n in sizes:
+            assert c.post("/v1/rerank", json={"query": "q", "documents": [f"d{i}" for i in range(n)]}).status_code == 200
+        assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+        assert c.post("/v1/rerank", json={"query": "", "documents": ["a"]}).status_code == 422
+        image = {"image": PNG_B64}
+        for _ in range(2):  # the second time the visual tokens come from the cache
+            assert c.post("/v1/rerank", json={"query": "q", "documents": [image]}).status_code == 200
+        m = _metrics(c)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return m.get(key, 0) - before.get(key, 0)
+
+    assert delta("m0lite_requests_total", route="/v1/rerank", status="200") == 5
+    assert delta("m0lite_requests_total", route="/v1/rerank", status="422") == 1
+    assert delta("m0lite_requests_total", route="/rerank", status="200") == 1
+    assert delta("m0lite_request_duration_seconds_count", route="/v1/rerank") == 6
+    assert delta("m0lite_pairs_scored_total") == sum(sizes) + 1 + 2
+    assert delta("m0lite_batch_pairs_sum") == sum(sizes) + 1 + 2
+    assert delta("m0lite_batch_pairs_count") >= 6  # one pass a request at least (they came one by one)
+    assert delta("m0lite_tokens_scored_total") > 0
+    assert delta("m0lite_patches_scored_total") == 2 * 16  # 64x48 is resized to 56x56: 4x4 patches
+    assert delta("m0lite_images_loaded_total") == 2
+    assert delta("m0lite_cache_hits_total", cache="vision") >= 1
+    assert m[("m0lite_cache_bytes", (("cache", "vision"),))] > 0
+    assert m[("m0lite_queue_depth", ())] == 0
+
+
+def test_request_id_is_echoed_and_logged(caplog):
+    import logging
+
+    with client() as c, caplog.at_level(logging.INFO, logger="m0lite.access"):
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}, headers={"X-Request-Id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        r = c.post("/v1/rerank", json={"query": "q"}, headers={"X-Request-Id": "bad id\twith spaces"})
+        generated = r.headers["x-request-id"]
+        assert len(generated) == 32 and int(generated, 16) >= 0
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "m0lite.access"]
+    by_id = {line["request_id"]: line for line in lines}
+    assert by_id["abc-123"]["status"] == 200 and by_id["abc-123"]["path"] == "/v1/rerank"
+    assert by_id[generated]["status"] == 422 and by_id[generated]["ms"] >= 0
+
+
+def test_image_budget_holds_decodes_to_its_bytes():
+    from m0lite.server.memory import ImageBudget
+
+    budget = ImageBudget(100)
+    order = []
+
+    def decode(name, n, seconds):
+        with budget.hold(n):
+            order.append(("start", name))
+            time.sleep(seconds)
+            order.append(("end", name))
+
+    threads = [threading.Thread(target=decode, args=("a", 60, 0.3))]
+    threads[0].start()
+    time.sleep(0.05)
+    threads += [threading.Thread(target=decode, args=("b", 60, 0.0)),  # waits: 120 > 100
+                threading.Thread(target=decode, args=("c", 30, 0.0))]  # fits beside a
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order.index(("start", "b")) > order.index(("end", "a")), order
+    assert order.index(("start", "c")) < order.index(("end", "a")), order
+    assert budget.peak <= 100 and budget.used == 0
+    with budget.hold(500):  # larger than the whole budget: it goes alone
+        assert budget.used == 500

@@ -43,24 +43,41 @@ CHUNK_DTYPES = (torch.bfloat16, torch.float16)
 MakeLinear = Callable[..., EpilogueLinear]
 
 
+ROW_MULTIPLE = 32  # every matmul of the fast forms runs a multiple of this many rows (see rowwise)
+
+
 def rowwise(fn, *xs: torch.Tensor):
     """fn(*xs) for a row-wise fn (row i of each output depends only on row i of each input), computed
-    on CPU in bf16/fp16 in chunks of CHUNK_ROWS rows. fn returns a tensor or a tuple of tensors."""
+    on CPU in bf16/fp16 in chunks of CHUNK_ROWS rows. fn returns a tensor or a tuple of tensors.
+
+    A chunk of fewer rows (the last one, or a small pass) is padded with zero rows to a multiple of
+    ROW_MULTIPLE, and the padding's outputs dropped: oneDNN keeps state for every row count it has seen
+    (about half a MiB each, never freed), and a server would otherwise meet a new count on almost every
+    pass."""
     first, n = xs[0], xs[0].shape[0]
-    if first.device.type != "cpu" or first.dtype not in CHUNK_DTYPES or n <= CHUNK_ROWS:
+    if first.device.type != "cpu" or first.dtype not in CHUNK_DTYPES:
         return fn(*xs)
-    outs = None
+    outs, one = None, True
     for s in range(0, n, CHUNK_ROWS):
-        ys = fn(*(x[s:s + CHUNK_ROWS] for x in xs))
+        part = [x[s:s + CHUNK_ROWS] for x in xs]
+        rows = part[0].shape[0]
+        pad = -rows % ROW_MULTIPLE
+        if pad:
+            part = [torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in part]
+        ys = fn(*part)
         one = isinstance(ys, torch.Tensor)
         ys = (ys,) if one else ys
+        if n <= CHUNK_ROWS:  # one chunk: its outputs are the result
+            return ys[0][:rows] if one else tuple(y[:rows] for y in ys)
         if outs is None:
             # 3-D outputs, the (rows, heads, head_dim) queries, keys and values, are stored heads-major:
             # attention then reads each head's rows as one block.
             outs = [y.new_empty((y.shape[1], n, y.shape[2])).transpose(0, 1) if y.dim() == 3 else
                     y.new_empty((n, *y.shape[1:])) for y in ys]
         for out, y in zip(outs, ys):
-            out[s:s + CHUNK_ROWS] = y
+            out[s:s + rows] = y[:rows]
+    if outs is None:  # no rows
+        return fn(*xs)
     return outs[0] if one else tuple(outs)
 
 

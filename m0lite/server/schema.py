@@ -1,9 +1,9 @@
-"""Request and response models of the `/v1/rerank` HTTP API.
+"""Request and response models of the HTTP API (the differences between dialects: `dialects.py`).
 
-The shape is Jina's (https://api.jina.ai/v1/rerank):
+The main shape is Jina's (https://api.jina.ai/v1/rerank):
 
     request   {model, query, documents, top_n?, return_documents?}
-    response  {model, usage: {total_tokens}, results: [{index, relevance_score, document?}]}
+    response  {id, model, usage: {total_tokens, prompt_tokens}, results: [{index, relevance_score, document?}]}
 
 `query` and each document are a string (text), `{"text": ...}` or `{"image": src}`,
 where src is an http(s) URL, a data URI or bare base64. Requests written for the
@@ -11,7 +11,7 @@ vLLM or Cohere APIs are accepted where they differ only in spelling:
 `top_k` for `top_n`, `top_n: 0` for "all", OpenAI-style content parts
 (`{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": ...}}`),
 vLLM's `documents: {"content": [parts]}`, and unknown extra fields are ignored.
-The response always has Jina's shape; an echoed document is `{"text": ...}` for a
+The response has Jina's shape (with vLLM's `id`); an echoed document is `{"text": ...}` for a
 text document and `{"image": src}` (the source exactly as given) for an image.
 
 The validators below write their own messages, each naming the offending field
@@ -21,9 +21,22 @@ are three errors about shapes the client never meant.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
+
+
+class HugeNumber:
+    """An integer in the body with too many digits to convert (Python refuses over 4300): kept as its
+    digit count, so that the field it sits in can be named in the error."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def parse_int(text: str) -> int | HugeNumber:
+    """json.loads' parse_int: no field takes an integer of more than a few digits."""
+    return int(text) if len(text) <= 64 else HugeNumber(len(text))
 
 
 class TextInput(BaseModel):
@@ -46,6 +59,8 @@ def json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, HugeNumber):
+        return f"a {value.digits}-digit number"
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
@@ -112,15 +127,22 @@ def _parse_documents(value: Any) -> list[TextInput | ImageInput]:
 def _parse_top_n(value: Any) -> int | None:
     if value is None:
         return None
+    if isinstance(value, HugeNumber):
+        raise ValueError(f"top_n: expected a non-negative integer, got {json_type(value)}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"top_n: expected a non-negative integer, got {value!r}"[:200])
     return value or None  # vLLM's top_n = 0 means "all"
 
 
-def _parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"return_documents: expected true or false, got {json_type(value)}")
-    return value
+def _bool(name: str):
+    def parse(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {json_type(value)}")
+        return value
+    return parse
+
+
+_parse_bool = _bool("return_documents")
 
 
 def _parse_model(value: Any) -> str | None:
@@ -131,24 +153,102 @@ def _parse_model(value: Any) -> str | None:
 
 Input = Union[str, TextInput, ImageInput]
 
+# The query as the OpenAPI schema states it: what the validator accepts, a blank text excluded.
+_NONBLANK = {"type": "string", "minLength": 1, "pattern": "\\S"}
+_QUERY_SCHEMA = {"anyOf": [_NONBLANK, {"type": "object", "properties": {"text": _NONBLANK}, "required": ["text"]},
+                           {"type": "object", "properties": {"image": {"type": "string", "minLength": 1}},
+                            "required": ["image"]}]}
+Query = Annotated[Input, BeforeValidator(_parse_query), WithJsonSchema(_QUERY_SCHEMA)]
+Model = Annotated[str | None, BeforeValidator(_parse_model)]
+TopN = Annotated[int | None, BeforeValidator(_parse_top_n)]
+
+
+def _model_field():
+    return Field(None, description="Accepted for compatibility and otherwise ignored: the server scores with its one model.")
+
 
 class RerankRequest(BaseModel):
-    """POST /v1/rerank body."""
+    """POST /v1/rerank (Jina, vLLM, llama.cpp; Cohere's v1 differs only in return_documents' default)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: Annotated[str | None, BeforeValidator(_parse_model)] = Field(
-        None, description="Accepted for compatibility and otherwise ignored: the server scores with its one model."
-    )
-    query: Annotated[Input, BeforeValidator(_parse_query)]
+    model: Model = _model_field()
+    query: Query
     documents: Annotated[list[Input], BeforeValidator(_parse_documents)] = Field(min_length=1)
-    top_n: Annotated[int | None, BeforeValidator(_parse_top_n)] = Field(
+    top_n: TopN = Field(
         None, ge=0, validation_alias=AliasChoices("top_n", "top_k"),
         description="Return only the best top_n results (all when absent or 0). Alias: top_k.",
     )
     return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
         True, description="Echo each document in its result: {'text': ...} or {'image': src as given}."
     )
+
+
+class CohereRerankRequest(RerankRequest):
+    """POST /v1/rerank from Cohere's SDK, and POST /v2/rerank: documents are not echoed unless asked."""
+
+    return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
+        False, description="Echo each document in its result (Cohere's default: false).")
+
+
+def _parse_texts(value: Any) -> list[TextInput]:
+    if not isinstance(value, list):
+        raise ValueError(f"texts: expected an array of strings, got {json_type(value)}")
+    if not value:
+        raise ValueError("texts: is empty; give at least one text")
+    out = []
+    for i, t in enumerate(value):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}]: expected a string, got {json_type(t)}")
+        out.append(TextInput(text=_check_unicode(t, f"texts[{i}]")))
+    return out
+
+
+def _parse_direction(value: Any) -> str:
+    if value not in ("Right", "Left"):
+        raise ValueError(f"truncation_direction: expected 'Right' or 'Left', got {value!r}"[:120])
+    return value
+
+
+class TEIRerankRequest(BaseModel):
+    """POST /rerank in Hugging Face text-embeddings-inference's shape (told apart by `texts`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: Query
+    texts: Annotated[list[TextInput], BeforeValidator(_parse_texts),
+                     WithJsonSchema({"type": "array", "items": {"type": "string"}, "minItems": 1})] = Field(min_length=1)
+    raw_scores: Annotated[bool, BeforeValidator(_bool("raw_scores"))] = Field(
+        False, description="Scores before the sigmoid (the model's logits, shifted as the score head gives them).")
+    return_text: Annotated[bool, BeforeValidator(_bool("return_text"))] = Field(
+        False, description="Echo each text in its result.")
+    truncate: Annotated[bool, BeforeValidator(_bool("truncate"))] = Field(
+        False, description="Cut texts the model cannot read whole; when false such a text is refused (413).")
+    truncation_direction: Annotated[Literal["Right", "Left"], BeforeValidator(_parse_direction)] = "Right"
+
+
+def _parse_side(name: str):
+    def parse(value: Any) -> list[TextInput | ImageInput]:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{name}: expected a string or an array, got {json_type(value)}")
+        if not value:
+            raise ValueError(f"{name}: is empty")
+        return [_parse_input(x, f"{name}[{i}]") for i, x in enumerate(value)]
+    return parse
+
+
+class ScoreRequest(BaseModel):
+    """POST /score and /v1/score in vLLM's shape: text_1 against text_2, one to one or one to many."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Model = _model_field()
+    text_1: Annotated[list[Input], BeforeValidator(_parse_side("text_1"))] = Field(
+        description="The query, or one query per text_2 item.")
+    text_2: Annotated[list[Input], BeforeValidator(_parse_side("text_2"))] = Field(
+        description="The documents (a string, or an array).")
 
 
 class Usage(BaseModel):
@@ -162,6 +262,7 @@ class RerankResult(BaseModel):
 
 
 class RerankResponse(BaseModel):
+    id: str
     model: str
     usage: Usage
     results: list[RerankResult] = Field(description="Best first.")
