@@ -202,6 +202,8 @@ def worker_command(side: str, workload: str, args, folder: Path) -> tuple[list[s
     """The worker's command line, environment and folder. "m0lite-base" is the m0lite side of another
     checkout (`--baseline`), run from there: the code before a change, against the code after it."""
     tree, worker_side = (args.baseline, "m0lite") if side == "m0lite-base" else (REPO, side)
+    if side == "m0lite-int8" and args.int8_ckpt:  # what a lean deployment loads: the file `m0lite quantize` wrote
+        folder = args.int8_ckpt
     cmd = [sys.executable, str(tree / "bench" / "e2e_worker.py"), "--side", worker_side, "--ckpt", str(folder), "--workload", workload,
            "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--retries", str(args.retries), "--max-others", str(args.max_others)]
@@ -419,6 +421,9 @@ def main() -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--sides", default=",".join(SIDES[:3]),
                     help="comma list of m0lite, ref8, ref1, m0lite-int8 and m0lite-base (the m0lite side of --baseline)")
+    ap.add_argument("--int8-ckpt", type=Path, default=None,
+                    help="side m0lite-int8 loads this folder (`m0lite quantize` of the checkpoint) instead of "
+                         "quantising at load")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another checkout (e.g. a git worktree of an older commit) whose m0lite side is 'm0lite-base'")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median and spread reported)")

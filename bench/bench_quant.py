@@ -73,9 +73,11 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
-def fidelity(folder: Path, n_queries: int) -> dict:
+def fidelity(folder: Path, n_queries: int, int8_folder: Path | None = None) -> dict:
+    """`int8_folder`: `m0lite quantize` of folder, whose scores equal quantising at load (tests/test_int8.py)."""
     queries, docs = fidelity_inputs(folder, n_queries)
-    exact, lean = scores(folder, None, queries, docs), scores(folder, "int8", queries, docs)
+    exact = scores(folder, None, queries, docs)
+    lean = scores(int8_folder, None, queries, docs) if int8_folder else scores(folder, "int8", queries, docs)
     diffs = [abs(x - y) for e, q in zip(exact, lean) for x, y in zip(e, q)]
     rhos = [spearman(e, q) for e, q in zip(exact, lean)]
     top1 = [max(range(len(e)), key=e.__getitem__) == max(range(len(q)), key=q.__getitem__) for e, q in zip(exact, lean)]
@@ -83,11 +85,14 @@ def fidelity(folder: Path, n_queries: int) -> dict:
             "spearman_mean": statistics.mean(rhos), "spearman_min": min(rhos), "top1_agreement": sum(top1) / len(top1)}
 
 
-def file_sizes(folder: Path) -> tuple[int, int]:
-    """(bytes of the checkpoint's weights, bytes of its int8 checkpoint's), writing the latter to a temp dir."""
+def file_sizes(folder: Path, int8_folder: Path | None) -> tuple[int, int]:
+    """(bytes of the checkpoint's weights, bytes of its int8 checkpoint's), writing the latter to a temp dir
+    unless given."""
     from m0lite.weights.quantized import save_quantized
 
     src = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    if int8_folder:
+        return src, sum(f.stat().st_size for f in int8_folder.glob("*.safetensors"))
     tmp = Path(tempfile.mkdtemp(prefix="m0lite-int8-"))
     try:
         out = save_quantized(folder, tmp / "ckpt")
@@ -102,6 +107,7 @@ def e2e(workloads: str, args) -> list[dict]:
     cmd = [sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--sides", "m0lite,m0lite-int8", "--workloads", workloads,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--out-dir", str(out_dir)]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--int8-ckpt", str(args.int8_ckpt)] if args.int8_ckpt else []
     subprocess.run(cmd, check=True)
     rows = list(csv.DictReader(open(next(out_dir.glob("e2e_*.csv")))))
     for f in out_dir.glob("e2e_*.csv"):  # keep the raw file next to the others
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--queries", type=int, default=N_QUERIES, help="fidelity queries (each against all 16 documents)")
+    ap.add_argument("--int8-ckpt", type=Path, default=None,
+                    help="`m0lite quantize` of the checkpoint: the int8 side loads it (as a deployment would)")
     ap.add_argument("--fidelity-only", action="store_true", help="skip the speed, memory and file-size rows")
     ap.add_argument("--e2e-csv", type=Path, action="append", default=[],
                     help="take speed and memory from these bench_e2e.py CSVs (sides m0lite and m0lite-int8) "
@@ -145,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             table.append({"what": f"{w} peak RSS (GiB)", "bf16": int(b["peak_rss_bytes"]) / 2**30,
                           "int8": int(q["peak_rss_bytes"]) / 2**30,
                           "int8 / bf16": int(q["peak_rss_bytes"]) / int(b["peak_rss_bytes"]), "goal": "<= 0.55"})
-        src, dst = file_sizes(folder)
+        src, dst = file_sizes(folder, args.int8_ckpt)
         table.append({"what": "checkpoint weights (GiB)", "bf16": src / 2**30, "int8": dst / 2**30, "int8 / bf16": dst / src,
                       "goal": "<= 0.55"})
-    fid = fidelity(folder, args.queries)
+    fid = fidelity(folder, args.queries, args.int8_ckpt)
     table += [
         {"what": f"max |d normalised score| ({fid['queries']} q x {fid['documents']} docs)", "int8": fid["max_abs_d"], "goal": "<= 0.03"},
         {"what": "mean |d normalised score|", "int8": fid["mean_abs_d"], "goal": ""},

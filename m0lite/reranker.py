@@ -78,27 +78,30 @@ class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
                  max_vision_patches: int = 4096, vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, int8_compute: str | None = None):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
         pack_weights: the CPU fast path for bf16 (transforms.pack_weights): None packs each tower once
-        it has run PACK_AFTER_ROWS rows, True at once, False never. An int8 model (see `quantize` in
-        from_pretrained) runs its fast form from the start and takes no packing."""
+        it has run PACK_AFTER_ROWS rows, True at once, False never. int8_compute ("dynamic" or
+        "weight-only"; see from_pretrained's `quantize`): the lean mode, which puts each tower in its int8
+        form before its first pass (the decoder at once), so that a text-only process never reads the
+        vision tower's weights; it takes no packing."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # tokens per forward pass (bounds activation memory)
         self.max_vision_patches = max_vision_patches  # patches per vision-tower pass
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
-        self.quantized = int8.is_quantized(model)
+        self.int8_compute = int8_compute
+        self.quantized = int8_compute is not None
         can_pack = transforms.packable(model.device, model.dtype) and not self.quantized
         if pack_weights and not can_pack:
             why = "an int8 model" if self.quantized else f"{model.dtype} on {model.device}"
             raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {why}")
-        self._packing = can_pack and pack_weights is not False
-        self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet packed, the rows it has run
-        if pack_weights:
-            self.pack()
+        self._packing = self.quantized or (can_pack and pack_weights is not False)
+        self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet in its fast form, the rows it has run
+        if pack_weights or self.quantized:
+            self.pack(["decoder", "vision"] if pack_weights else ["decoder"])
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False,
@@ -119,12 +122,10 @@ class Reranker:
             raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
         folder = resolve(name_or_path)
         model = load_model(folder, resolve_dtype(dtype, dev), dev)
-        if quantize and not int8.is_quantized(model):
-            int8.quantize(model)
-        if int8.is_quantized(model):
+        if quantize or int8.is_quantized(model):
             if compile:
                 raise InputError("compile=True does not take an int8 model; choose one")
-            int8.prepare(model, int8.resolve_compute(int8_compute, dev))
+            kwargs["int8_compute"] = int8.resolve_compute(int8_compute, dev)
         if compile:
             # Compiled graphs fuse the elementwise work themselves and cannot take packed (opaque) weights.
             if kwargs.get("pack_weights"):
@@ -138,28 +139,33 @@ class Reranker:
 
     @property
     def packed(self) -> list[str]:
-        """Which towers ("decoder", "vision") run on packed weights so far (see pack_weights)."""
+        """Which towers ("decoder", "vision") run in their fast form so far: on packed weights (see
+        pack_weights), or in the lean mode on prepared int8 weights."""
         return [name for name, t in self._towers().items() if self._packing and t not in self._rows_run]
 
     def pack(self, towers=("decoder", "vision")) -> list[str]:
-        """Pack these towers' weights now, where packing is on (bf16 on CPU, pack_weights not False): a
-        server packs the decoder at start rather than in its first large request. Returns `packed`."""
+        """Put these towers in their fast form now, where there is one (bf16 on CPU with pack_weights not
+        False, or the lean mode): a server packs the decoder at start rather than in its first large
+        request. Returns `packed`."""
         for name in towers if self._packing else []:
             self._pack(self._towers()[name])
         return self.packed
 
     def _pack(self, tower: torch.nn.Module) -> None:
         if tower in self._rows_run:
-            transforms.pack_weights(tower)
+            if self.quantized:
+                int8.prepare(tower, self.int8_compute)
+            else:
+                transforms.pack_weights(tower)
             del self._rows_run[tower]
 
     def _before_pass(self, tower: torch.nn.Module, rows: int) -> None:
-        """Before a pass of `rows` rows through a tower: pack its weights once it has run enough (see
-        PACK_AFTER_ROWS)."""
+        """Before a pass of `rows` rows through a tower: put it in its fast form once it has run enough (see
+        PACK_AFTER_ROWS), or, in the lean mode, before its first pass."""
         if not self._packing or tower not in self._rows_run:
             return
         self._rows_run[tower] += rows
-        if self._rows_run[tower] >= PACK_AFTER_ROWS:
+        if self.quantized or self._rows_run[tower] >= PACK_AFTER_ROWS:
             self._pack(tower)
 
     # ---- inputs -------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def test_every_modality_within_tolerance_of_fp32(tiny_ckpt, tiny_reranker, compu
 def test_linears_are_int8_where_stated(tiny_ckpt):
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", int8_compute="weight-only")
     m = rr.model
+    # The decoder is quantised at load, the vision tower before its first pass (a text-only process never
+    # reads its weights).
+    assert rr.packed == ["decoder"] and isinstance(m.visual.blocks[0].attn.qkv, torch.nn.Linear)
+    assert rr.pack() == ["decoder", "vision"]
     layer, block = m.model.layers[0], m.visual.blocks[0]
     for lin in (layer.self_attn.q_proj, layer.mlp.down_proj, block.attn.qkv, block.mlp.fc2, m.visual.merger.mlp[0]):
         assert isinstance(lin, int8.Int8Linear) and lin.weight.dtype == torch.int8

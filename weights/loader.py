@@ -45,7 +45,8 @@ def meta_model(cfg: ModelConfig, quantized: bool = False) -> JinaReranker:
     with torch.device("meta"):
         model = JinaReranker(cfg)
     if quantized:
-        int8.quantize(model)
+        int8.quantize(model.model)
+        int8.quantize(model.visual)
     return model
 
 

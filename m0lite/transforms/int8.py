@@ -81,10 +81,10 @@ class Int8Linear(EpilogueLinear):
 
     @classmethod
     def quantized(cls, lin: nn.Linear) -> "Int8Linear":
-        w = lin.weight.detach().float()  # (out, in)
-        scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        w = lin.weight.detach()  # (out, in)
+        scale = w.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device)
-        q.weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        q.weight = w.float().div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         q.weight_scale = scale
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
@@ -124,34 +124,34 @@ class Int8Linear(EpilogueLinear):
         return y.view(*shape[:-1], self.out_features)
 
 
-def _linears(model: nn.Module):
-    """(parent, name, module) of every linear the int8 mode quantises: all of both towers' but the patch
-    embedding's (see the module docstring); the score head is outside the towers."""
-    for tower in (model.model, model.visual):
-        for parent in tower.modules():
-            if parent is model.visual.patch_embed:
-                continue
-            for name, child in parent.named_children():
-                if isinstance(child, (nn.Linear, Int8Linear)):
-                    yield parent, name, child
+def _linears(tower: nn.Module):
+    """(parent, name, module) of every linear of a tower (the decoder or the vision tower) that the int8 mode
+    quantises: all but the vision tower's patch embedding (see the module docstring)."""
+    skip = getattr(tower, "patch_embed", None)
+    for parent in tower.modules():
+        if parent is skip:
+            continue
+        for name, child in parent.named_children():
+            if isinstance(child, (nn.Linear, Int8Linear)):
+                yield parent, name, child
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for _, _, m in _linears(model))
+    return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def quantize(model: nn.Module) -> None:
-    """Every linear of both towers (but the patch embedding) -> Int8Linear, weight-only until `prepare`.
+def quantize(tower: nn.Module) -> None:
+    """Every linear of the tower (but the patch embedding) -> Int8Linear, weight-only until `prepare`.
     On the meta device this only builds the structure, for the loader to fill."""
     mapped = file_mappings()
-    for parent, name, lin in list(_linears(model)):
+    for parent, name, lin in list(_linears(tower)):
         if isinstance(lin, Int8Linear):
             continue
         if lin.weight.is_meta:
             q = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, "meta")
         else:
             q = Int8Linear.quantized(lin)
-            release_mapped_pages(lin.weight, mapped)
+            release_mapped_pages(lin.weight, mapped)  # from now on only the int8 copy is read
         setattr(parent, name, q)
 
 
@@ -175,19 +175,18 @@ def resolve_compute(compute: str, device: torch.device) -> str:
     return compute
 
 
-def prepare(model: nn.Module, compute: str) -> None:
-    """Make a quantised model ready to run. "dynamic": both towers in their chunked fast form on the int8
-    linears (the vision rewrites applied to the int8 weights' scales), then every weight laid out for
-    oneDNN. "weight-only": the plain model, each linear expanding its weight per call."""
+def prepare(tower: nn.Module, compute: str) -> None:
+    """Quantise a tower (if its checkpoint was not) and make it ready to run. "dynamic": its blocks in the
+    chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales), then
+    every weight laid out for oneDNN. "weight-only": the plain blocks, each linear expanding its weight per
+    call."""
+    quantize(tower)
     if compute == "dynamic":
-        def make(lin, **rewrite):
-            return lin.rewrite(**rewrite) if isinstance(lin, Int8Linear) else lin
-        chunked.apply(model.model, make)
-        chunked.apply(model.visual, make)
+        chunked.apply(tower, lambda lin, **rewrite: lin.rewrite(**rewrite) if isinstance(lin, Int8Linear) else lin)
         mapped = file_mappings()
-        for m in model.modules():
+        for m in tower.modules():
             if isinstance(m, Int8Linear) and m._packed is None:
                 m.prepack(mapped)
-    for m in model.modules():
+    for m in tower.modules():
         if isinstance(m, Int8Linear):
             m.compute = compute
