@@ -71,7 +71,9 @@ def test_linears_are_int8_where_stated(tiny_ckpt):
     layer, block = m.model.layers[0], m.visual.blocks[0]
     for lin in (layer.self_attn.q_proj, layer.mlp.down_proj, block.attn.qkv, block.mlp.fc2, m.visual.merger.mlp[0]):
         assert isinstance(lin, int8.Int8Linear) and lin.weight.dtype == torch.int8
-    # Stated in transforms/int8.py: the patch embedding, the embeddings, the norms and the score head stay.
+    # Stated in transforms/int8.py: the token embeddings are int8 per token; the patch embedding, the norms and
+    # the score head stay.
+    assert isinstance(m.model.embed_tokens, int8.Int8Embedding) and m.model.embed_tokens.weight.dtype == torch.int8
     assert isinstance(m.visual.patch_embed.proj, torch.nn.Linear) and isinstance(m.score[0], torch.nn.Linear)
     q = layer.self_attn.q_proj
     assert q.weight.abs().amax(1).eq(127).all()  # each channel's largest weight maps to 127

@@ -13,10 +13,11 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
   devices without oneDNN's int8 kernels (CUDA).
 
-What stays in the model's dtype, and why: the token embeddings (a lookup, not a
-matmul: only the rows a batch reads are touched), the norms, the score head (two
-small matmuls over one token per pair, which set the score directly) and the
-patch embedding (a Conv3d in the checkpoint over raw pixels; 0.1% of the weights).
+The token embeddings are int8 too, with one scale per token (`Int8Embedding`): a
+lookup expands only the rows a batch reads. What stays in the model's dtype, and
+why: the norms, the score head (two small matmuls over one token per pair, which
+set the score directly) and the patch embedding (a Conv3d in the checkpoint over
+raw pixels; 0.1% of the weights).
 
 A checkpoint written by `m0lite quantize` (weights/quantized.py) stores each quantised
 linear's `weight` as int8 and its `weight_scale` beside it, and says so in
@@ -124,6 +125,27 @@ class Int8Linear(EpilogueLinear):
         return y.view(*shape[:-1], self.out_features)
 
 
+class Int8Embedding(nn.Module):
+    """A token embedding table in int8, one scale per token: `weight` (vocab, dim) int8, `weight_scale`
+    (vocab,) fp32; a lookup expands the rows it reads, in fp32 (the model casts them to its dtype)."""
+
+    def __init__(self, vocab: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(vocab, dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(vocab, dtype=torch.float32, device=device))
+
+    @classmethod
+    def quantized(cls, emb: nn.Module) -> "Int8Embedding":
+        w = emb.weight.detach()
+        q = cls(w.shape[0], w.shape[1], w.device)
+        q.weight_scale = w.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q.weight = w.float().div_(q.weight_scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return q
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight).float() * self.weight_scale[ids, None]
+
+
 def _linears(tower: nn.Module):
     """(parent, name, module) of every linear of a tower (the decoder or the vision tower) that the int8 mode
     quantises: all but the vision tower's patch embedding (see the module docstring)."""
@@ -137,7 +159,7 @@ def _linears(tower: nn.Module):
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
 
 
 def quantize(tower: nn.Module) -> None:
@@ -153,6 +175,13 @@ def quantize(tower: nn.Module) -> None:
             q = Int8Linear.quantized(lin)
             release_mapped_pages(lin.weight, mapped)  # from now on only the int8 copy is read
         setattr(parent, name, q)
+    emb = getattr(tower, "embed_tokens", None)  # the decoder's
+    if emb is not None and not isinstance(emb, Int8Embedding):
+        if emb.weight.is_meta:
+            tower.embed_tokens = Int8Embedding(*emb.weight.shape, "meta")
+        else:
+            tower.embed_tokens = Int8Embedding.quantized(emb)
+            release_mapped_pages(emb.weight, mapped)
 
 
 def has_int8_units() -> bool:
