@@ -104,26 +104,26 @@ def _echo(doc: Input) -> dict:
     return doc.model_dump()
 
 
-def _jina_answer(task: Task, scores: list[float], tokens: int, model: str) -> dict:
+def _results(task: Task, scores: list[float]) -> list[dict]:
+    """Jina's and Cohere's results: best first, each with its index, score and (if asked) document."""
     results = []
     for i in _ranked(task, scores):
         result = {"index": i, "relevance_score": scores[i]}
         if task.return_documents:
             result["document"] = _echo(task.documents[i])
         results.append(result)
+    return results
+
+
+def _jina_answer(task: Task, scores: list[float], tokens: int, model: str) -> dict:
+    results = _results(task, scores)
     return {"id": f"rerank-{uuid.uuid4().hex}", "model": model,
             "usage": {"total_tokens": tokens, "prompt_tokens": tokens}, "results": results}
 
 
 def _cohere_answer(version: str):
     def answer(task: Task, scores: list[float], tokens: int, model: str) -> dict:
-        results = []
-        for i in _ranked(task, scores):
-            result = {"index": i, "relevance_score": scores[i]}
-            if task.return_documents:
-                result["document"] = _echo(task.documents[i])
-            results.append(result)
-        return {"id": str(uuid.uuid4()), "results": results,
+        return {"id": str(uuid.uuid4()), "results": _results(task, scores),
                 "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}}}
     return answer
 
