@@ -57,7 +57,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
-    """Attention over packed sequences: q (total, n_heads, d), k, v (total, n_kv_heads, d)."""
+    """Attention over a ragged batch (sequences side by side): q (total, n_heads, d), k, v (total, n_kv_heads, d)."""
     fn = _triton("attention_triton") if _use_triton(q) else attention_torch
     return fn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 

@@ -22,7 +22,7 @@ def rms_norm_torch(x, weight, eps, residual=None):
 
 
 def attention_torch(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
-    """softmax(q k^T * scale [+ causal mask]) v over packed variable-length sequences.
+    """softmax(q k^T * scale [+ causal mask]) v over variable-length sequences side by side (a ragged batch).
 
     q: (total, n_heads, d); k, v: (total, n_kv_heads, d); cu_seqlens: int32 (batch+1,),
     sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] and attends only to itself.

@@ -1,4 +1,4 @@
-"""Flash-attention forward over packed variable-length sequences, in Triton.
+"""Flash-attention forward over variable-length sequences side by side (a ragged batch), in Triton.
 
 After Triton's fused-attention tutorial (FlashAttention-2, Dao 2023,
 https://arxiv.org/abs/2307.08691): a program owns BLOCK_M query rows of one head of

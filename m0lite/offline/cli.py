@@ -41,7 +41,7 @@ def add_offline_commands(sub) -> None:
 
 def _add_job_arguments(p: argparse.ArgumentParser, doc_cache_mb: int) -> None:
     g = p.add_argument_group("scoring")
-    g.add_argument("--batch-size", type=int, default=32, help="pairs per packed forward pass (default: 32)")
+    g.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass (default: 32)")
     g.add_argument("--max-length", type=int, default=10240)
     g.add_argument("--max-query-length", type=int, default=512)
     g.add_argument("--raw", action="store_true", help="raw scores instead of sigmoid(raw - 2.65)")

@@ -3,14 +3,15 @@
 The model files (decoder.py, vision.py, model.py) hold the math once. A transform
 rewrites a loaded model by swapping its modules and rewriting their weights; the
 model's own loops then run the new modules unchanged. The reranker picks them
-once, from its options:
+once, from its options, and applies them tower by tower when a tower's work calls
+for it (reranker.py):
 
 - `pack_weights(tower)` (`pack_weights=`): the CPU fast path for bf16. Every block
   of the tower in its chunked fast form (chunked.py) on linears whose weights are
   laid out for oneDNN, with fused epilogues (onednn.py).
-- `int8.quantize(model, ...)` (`quantize="int8"`): int8 weights with per-channel
-  scales in every linear of both towers (int8.py); then the same chunked fast
-  form on the int8 linears.
+- `int8.prepare(tower, compute)` (`quantize="int8"`): int8 weights with
+  per-channel scales in every linear of the tower, and per-token ones in the token
+  embeddings (int8.py); then the same chunked fast form on the int8 linears.
 - `compile_blocks(model)` (`compile=True`): torch.compile of each block.
 """
 
