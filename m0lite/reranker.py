@@ -321,5 +321,15 @@ class Reranker:
                 r["document"] = documents[r["index"]]
         return results
 
+    def explain(self, query, document, method: str = "occlusion", *, max_length: int = 10240,
+                max_query_length: int = 512) -> dict:
+        """Why `document` scores as it does for `query`: the raw and normalised score, and an attribution
+        per document text token (with its character offsets) and per image region (with its box in the
+        original image). method "occlusion": the score lost when that part is removed (one pass per
+        part); "attention": the score token's attention on it (one pass). See m0lite/explain.py."""
+        from .explain import explain
+
+        return explain(self, query, document, method, max_length=max_length, max_query_length=max_query_length)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
