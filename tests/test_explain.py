@@ -224,3 +224,17 @@ def test_a_long_text_is_explained_as_the_prompt_holds_it(tiny_reranker):
 def test_bad_input_is_named(tiny_reranker, call, match):
     with pytest.raises(InputError, match=match):
         call(tiny_reranker)
+
+
+def test_occlusion_encodes_the_image_once_and_batches_the_variants(tiny_ckpt, monkeypatch):
+    from m0lite import Reranker
+
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype="float32", vision_cache_bytes=0)
+    towers, passes = [], []
+    visual, model = rr.model.visual.forward, rr.model.forward
+    monkeypatch.setattr(rr.model.visual, "forward", lambda px, grids: towers.append(len(grids)) or visual(px, grids))
+    monkeypatch.setattr(rr.model, "forward", lambda batch, *a: passes.append(len(batch.cu_seqlens) - 1) or model(batch, *a))
+    out = rr.explain(QUERY, {"image": page(6), "text": "a caption of five words"})
+    variants = 1 + len(out["text"]) + len(out["image"]["regions"])
+    assert towers == [1]  # the image is encoded once for every variant
+    assert sum(passes) == variants and len(passes) < variants  # variants share passes
