@@ -1,4 +1,4 @@
-"""Command line: `m0lite rank`, `m0lite demo`, `m0lite serve`, `m0lite quantize`."""
+"""Command line: `m0lite rank`, `m0lite demo`, `m0lite serve`, `m0lite quantize`, `m0lite explain`."""
 
 from __future__ import annotations
 
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .offline.cli import add_offline_commands  # `m0lite eval`, `m0lite batch`
     add_offline_commands(sub)
+    from .explain_cli import add_explain_command  # `m0lite explain`
+    add_explain_command(sub)
     return parser
 
 

@@ -4,10 +4,13 @@
 
 An image (document or query) is written `<|vision_start|><|image_pad|><|vision_end|>`
 and its `<|image_pad|>` becomes one token per visual token (grid t*h*w / 4).
+A document of an image and text is the image straight followed by the text,
+`<|vision_start|><|image_pad|><|vision_end|>{text}`.
 A text document of `max_doc_length` tokens or more is cut to that many tokens
-and decoded back to text first; the whole prompt is then cut to
-`max_length - 1` tokens (keeping its start) and the score token (id 100) is
-appended. The query is never cut on its own.
+and decoded back to text first (an image and text document: its text, to what
+the image's tokens leave of `max_doc_length`; the image is never cut). The
+whole prompt is then cut to `max_length - 1` tokens (keeping its start) and the
+score token (id 100) is appended. The query is never cut on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .images import num_visual_tokens
 SCORE_TOKEN_ID = 100
 IMAGE_PAD = "<|image_pad|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+DOC_HEAD, QUERY_HEAD = "**Document**:\n", "\n**Query**:\n"  # the prompt is DOC_HEAD + doc + QUERY_HEAD + query
 # Special tokens that would let text smuggle in (or break) visual-token slots.
 RESERVED_IN_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
@@ -42,6 +46,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character offsets into `text`."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids: list[int]) -> str:
         # transformers' decode keeps special tokens by default; the tokenizers library skips them unless told.
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -49,7 +58,8 @@ class Tokenizer:
 
 @dataclass
 class Side:
-    """One side of a pair: text, or an image already preprocessed to its patch grid (t, h, w)."""
+    """One side of a pair: text, an image already preprocessed to its patch grid (t, h, w), or (a
+    document only) both: an image and its text."""
 
     text: str | None = None
     grid: tuple[int, int, int] | None = None
@@ -80,6 +90,17 @@ def cut_document(tok: Tokenizer, doc: str, max_doc_length: int) -> str:
     return tok.decode(ids[:max_doc_length]) if len(ids) >= max_doc_length else doc
 
 
+def document_string(tok: Tokenizer, doc: Side, max_doc_length: int, merge: int) -> str:
+    """The document as the prompt writes it: the image placeholder, then the (cut) text."""
+    if not doc.is_image:
+        return cut_document(tok, doc.text, max_doc_length)
+    if doc.text is None:
+        return IMAGE_PLACEHOLDER
+    # The text gets what the image leaves of max_doc_length (its visual tokens, <|vision_start|>, <|vision_end|>).
+    room = max(max_doc_length - num_visual_tokens(doc.grid, merge) - 2, 0)
+    return IMAGE_PLACEHOLDER + cut_document(tok, doc.text, room)
+
+
 def expand_images(ids: list[int], grids: list[tuple[int, int, int]], image_pad_id: int, merge: int) -> list[int]:
     """Each single <|image_pad|> becomes one token per visual token of its image."""
     expanded, it = [], iter(grids)
@@ -95,9 +116,9 @@ def build_prompt(tok: Tokenizer, query: Side, doc: Side, *, max_length: int, max
                  split_prefix: bool = False) -> Prompt:
     """Token ids of one pair (score token included) and the grids of its images, document first.
     With split_prefix, also find where the document part ends (for the document cache)."""
-    doc_str = IMAGE_PLACEHOLDER if doc.is_image else cut_document(tok, doc.text, max_doc_length)
+    doc_str = document_string(tok, doc, max_doc_length, merge)
     query_str = IMAGE_PLACEHOLDER if query.is_image else query.text
-    prefix_str = f"**Document**:\n{doc_str}\n**Query**:\n"
+    prefix_str = DOC_HEAD + doc_str + QUERY_HEAD
     ids = tok.encode(prefix_str + query_str)
     grids = [s.grid for s in (doc, query) if s.is_image]
     expanded = expand_images(ids, grids, tok.image_pad_id, merge)

@@ -170,27 +170,37 @@ class Reranker:
 
     # ---- inputs -------------------------------------------------------------------------------
 
-    def _prepare(self, x, kind: str | None, what: str, allow_empty: bool) -> Prepared:
-        """A query or document -> text or preprocessed image. kind "text"/"image" forces the reading
-        of a str (compute_score's query_type/doc_type); with kind None a str is text."""
+    def _prepare(self, x, kind: str | None, what: str, document: bool) -> Prepared:
+        """A query or document -> text or preprocessed image, or (a document only) an image and its text,
+        given as {"image": ..., "text": ...}. kind "text"/"image" forces the reading of a str
+        (compute_score's query_type/doc_type); with kind None a str is text."""
         if isinstance(x, dict):
             if set(x) == {"text"}:
                 x, kind = x["text"], "text"
             elif set(x) == {"image"}:
                 x, kind = x["image"], "image"
+            elif set(x) == {"image", "text"} and document:
+                text = check_text(x["text"], f"{what}.text", allow_empty=True)
+                pixels, grid = self._load(x["image"], f"{what}.image")
+                return Prepared(Side(text=text, grid=grid), pixels)
             else:
-                raise InputError(f"{what}: a dict must be {{'text': ...}} or {{'image': ...}}, got keys {sorted(x)}")
+                both = ", {'image': ..., 'text': ...}" if document else ""
+                raise InputError(f"{what}: a dict must be {{'text': ...}} or {{'image': ...}}{both}, got keys {sorted(x)}")
         elif kind is None:
             kind = "text" if isinstance(x, str) else "image"
         if kind == "text":
-            return Prepared(Side(text=check_text(x, what, allow_empty)))
+            return Prepared(Side(text=check_text(x, what, allow_empty=document)))
         if kind != "image":
             raise InputError(f"{what}: type must be 'text' or 'image', got {kind!r}")
+        pixels, grid = self._load(x, what)
+        return Prepared(Side(grid=grid), pixels)
+
+    def _load(self, src, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """An image source's patches and grid; errors name `what`."""
         try:
-            pixels, grid = preprocess(load_image(x), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            return preprocess(load_image(src), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         except InputError as e:
             raise type(e)(f"{what}: {e}") from None
-        return Prepared(Side(grid=grid), pixels)
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -277,8 +287,8 @@ class Reranker:
         for i, p in enumerate(pairs):
             if not isinstance(p, (list, tuple)) or len(p) != 2:
                 raise InputError(f"pairs[{i}] must be a [query, document] pair")
-            prepared.append((self._prepare(p[0], query_type, f"pairs[{i}] query", False),
-                             self._prepare(p[1], doc_type, f"pairs[{i}] document", True)))
+            prepared.append((self._prepare(p[0], query_type, f"pairs[{i}] query", document=False),
+                             self._prepare(p[1], doc_type, f"pairs[{i}] document", document=True)))
         raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
                              show_progress=show_progress)
         scores = [self.normalize(s) for s in raw] if normalize_scores else raw
@@ -287,23 +297,26 @@ class Reranker:
     def score_pairs(self, pairs, normalize: bool = True, *, max_length: int = 10240, max_query_length: int = 512,
                     batch_size: int = 32) -> tuple[list[float], list[int]]:
         """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
-        image (str = text; PIL image, {"text": ...} or {"image": ...}). For servers batching many requests."""
+        image (str = text; PIL image, {"text": ...} or {"image": ...}), a document also both ({"image": ...,
+        "text": ...}). For servers batching many requests."""
         max_doc_length = default_max_doc_length(max_length, max_query_length)
-        prepared = [(self._prepare(q, None, f"pairs[{i}] query", False), self._prepare(d, None, f"pairs[{i}] document", True))
+        prepared = [(self._prepare(q, None, f"pairs[{i}] query", document=False),
+                     self._prepare(d, None, f"pairs[{i}] document", document=True))
                     for i, (q, d) in enumerate(pairs)]
         raw, lengths = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length)
         return ([self.normalize(s) for s in raw] if normalize else raw), lengths
 
     def rank(self, query, documents, top_n: int | None = None, return_documents: bool = False, *,
              batch_size: int = 32, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False) -> list[dict]:
-        """Documents (text and images mixed) ranked for a text or image query, best first:
+        """Documents (texts, images and {"image": ..., "text": ...} pairs of both, mixed) ranked for a text
+        or image query, best first:
         [{"index": i, "relevance_score": s, ("document": d)}]."""
         if not isinstance(documents, (list, tuple)) or not documents:
             raise InputError("documents must be a non-empty list")
         if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
             raise InputError(f"top_n must be a positive int, got {top_n!r}")
-        q = self._prepare(query, None, "query", False)
-        prepared = [(q, self._prepare(d, None, f"documents[{i}]", True)) for i, d in enumerate(documents)]
+        q = self._prepare(query, None, "query", document=False)
+        prepared = [(q, self._prepare(d, None, f"documents[{i}]", document=True)) for i, d in enumerate(documents)]
         max_doc_length = default_max_doc_length(max_length, max_query_length)
         raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
                              show_progress=show_progress)
@@ -313,6 +326,16 @@ class Reranker:
             for r in results:
                 r["document"] = documents[r["index"]]
         return results
+
+    def explain(self, query, document, method: str = "occlusion", *, max_length: int = 10240,
+                max_query_length: int = 512) -> dict:
+        """Why `document` scores as it does for `query`: the raw and normalised score, and an attribution
+        per document text token (with its character offsets) and per image region (with its box in the
+        original image). method "occlusion": the score lost when that part is removed (one pass per
+        part); "attention": the score token's attention on it (one pass). See m0lite/explain.py."""
+        from .explain import explain
+
+        return explain(self, query, document, method, max_length=max_length, max_query_length=max_query_length)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))

@@ -207,7 +207,7 @@ BAD_REQUESTS = [
     ({"query": "q", "documents": "a"}, 422, "documents: expected an array"),
     ({"query": "q", "documents": ["a", None]}, 422, "documents[1]: expected a string"),
     ({"query": "q", "documents": ["a", {"text": 3}]}, 422, "documents[1].text: expected a string"),
-    ({"query": "q", "documents": ["a", {"text": "x", "image": PNG_B64}]}, 422, "documents[1]: give exactly one"),
+    ({"query": {"text": "x", "image": PNG_B64}, "documents": ["a"]}, 422, "query: give exactly one"),
     ({"query": "q", "documents": ["a", {"url": "x"}]}, 422, "documents[1]: give exactly one"),
     ({"query": "q", "documents": ["a"], "top_n": -1}, 422, "top_n"),
     ({"query": "q", "documents": ["a"], "top_n": "3"}, 422, "top_n"),

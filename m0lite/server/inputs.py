@@ -30,7 +30,7 @@ from m0lite.prompt import check_text
 from .dialects import Task
 from .memory import ImageBudget, decode_cost
 from .scheduler import Cost
-from .schema import ImageInput, TextInput
+from .schema import ImageInput, ImageTextInput, TextInput
 
 BYTES_PER_TOKEN = 4  # a rough mean for byte-level BPE over mixed scripts; a token is at least one byte
 TEMPLATE_TOKENS = 12  # "**Document**:\n", "\n**Query**:\n" and the score token
@@ -57,7 +57,8 @@ def check_texts(task: Task, settings) -> None:
         raise RequestTooLarge(f"request has {images} images (query and documents), over the limit of "
                               f"{settings.max_images} per request (--max-images)")
     for x, where, is_query in sides:
-        if isinstance(x, TextInput):
+        if isinstance(x, (TextInput, ImageTextInput)):
+            where = f"{where}.text" if isinstance(x, ImageTextInput) else where
             if len(x.text) > settings.max_text_chars:
                 raise RequestTooLarge(f"{where}: text is {len(x.text)} characters, over the limit of "
                                       f"{settings.max_text_chars} (--max-text-chars)")
@@ -111,10 +112,15 @@ class InputLoader:
         loaded = {id(x): by_source[x.image] for x, _, _ in sides if isinstance(x, ImageInput)}
         if not task.truncate:
             await self._refuse_cut(task, deadline)
+
+        def side(x):
+            if isinstance(x, ImageTextInput):
+                return {"image": loaded[id(x)], "text": x.text}
+            return loaded.get(id(x), x.text if isinstance(x, TextInput) else None)
+
         pairs, costs = [], []
         for q, d in task.pairs:
-            pairs.append((loaded.get(id(q), q.text if isinstance(q, TextInput) else None),
-                          loaded.get(id(d), d.text if isinstance(d, TextInput) else None)))
+            pairs.append((side(q), side(d)))
             costs.append(self._cost(*pairs[-1]))
         tokens = sum(c.tokens for c in costs)
         if tokens > self.settings.max_request_tokens:
@@ -177,13 +183,14 @@ class InputLoader:
         cap = doc_token_cap(self.settings)
         tokens, patches = TEMPLATE_TOKENS, 0
         for side, side_cap in ((q, None), (d, cap)):
-            if isinstance(side, Image.Image):
-                n = (side.height // PATCH_SIZE) * (side.width // PATCH_SIZE)
-                patches += n
-                tokens += n // 4
-            else:
-                n = math.ceil(len(side.encode()) / BYTES_PER_TOKEN)
-                tokens += min(n, side_cap) if side_cap else n
+            for part in (side["image"], side["text"]) if isinstance(side, dict) else (side,):  # an image and its text
+                if isinstance(part, Image.Image):
+                    n = (part.height // PATCH_SIZE) * (part.width // PATCH_SIZE)
+                    patches += n
+                    tokens += n // 4
+                else:
+                    n = math.ceil(len(part.encode()) / BYTES_PER_TOKEN)
+                    tokens += min(n, side_cap) if side_cap else n
         return Cost(min(tokens, self.settings.max_length), patches)
 
 

@@ -6,13 +6,14 @@ The main shape is Jina's (https://api.jina.ai/v1/rerank):
     response  {id, model, usage: {total_tokens, prompt_tokens}, results: [{index, relevance_score, document?}]}
 
 `query` and each document are a string (text), `{"text": ...}` or `{"image": src}`,
-where src is an http(s) URL, a data URI or bare base64. Requests written for the
+where src is an http(s) URL, a data URI or bare base64; a document may also be both,
+`{"image": src, "text": ...}` (the prompt puts the image's tokens before the text). Requests written for the
 vLLM or Cohere APIs are accepted where they differ only in spelling:
 `top_k` for `top_n`, `top_n: 0` for "all", OpenAI-style content parts
 (`{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": ...}}`),
 vLLM's `documents: {"content": [parts]}`, and unknown extra fields are ignored.
 The response has Jina's shape (with vLLM's `id`); an echoed document is `{"text": ...}` for a
-text document and `{"image": src}` (the source exactly as given) for an image.
+text document and `{"image": src}` (the source exactly as given) for an image, with its `text` if it has one.
 
 The validators below write their own messages, each naming the offending field
 ("documents[3]: ..."), because pydantic's messages for a union of three shapes
@@ -53,6 +54,12 @@ class ImageInput(BaseModel):
     image: str
 
 
+class ImageTextInput(ImageInput):
+    """A document of an image and the text that goes with it."""
+
+    text: str
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a decoded value's type, for messages."""
     if value is None:
@@ -80,8 +87,9 @@ def _check_unicode(text: str, where: str) -> str:
     return text
 
 
-def _parse_input(value: Any, where: str) -> TextInput | ImageInput:
-    """One query or document, in any accepted spelling, as TextInput or ImageInput."""
+def _parse_input(value: Any, where: str, both: bool = False) -> TextInput | ImageInput:
+    """One query or document, in any accepted spelling, as TextInput or ImageInput; with `both` (a
+    document), {'image': ..., 'text': ...} as ImageTextInput."""
     if isinstance(value, (TextInput, ImageInput)):
         return value
     if isinstance(value, str):
@@ -95,16 +103,20 @@ def _parse_input(value: Any, where: str) -> TextInput | ImageInput:
             raise ValueError(f"{where}: 'image_url' must be a string or {{'url': string}}")
         value = {"image": url}
     keys = [k for k in ("text", "image") if k in value]
-    if len(keys) != 1:
-        raise ValueError(f"{where}: give exactly one of 'text' or 'image', got keys {sorted(value)[:8]}")
-    key = keys[0]
-    if not isinstance(value[key], str):
-        raise ValueError(f"{where}.{key}: expected a string, got {json_type(value[key])}")
-    if key == "text":
-        return TextInput(text=_check_unicode(value["text"], f"{where}.text"))
-    if not value["image"].strip():
+    if not keys or (len(keys) == 2 and not both):
+        also = " (or, for a document, both)" if both else ""
+        raise ValueError(f"{where}: give exactly one of 'text' or 'image'{also}, got keys {sorted(value)[:8]}")
+    for key in keys:
+        if not isinstance(value[key], str):
+            raise ValueError(f"{where}.{key}: expected a string, got {json_type(value[key])}")
+    if "image" in value and not value["image"].strip():
         raise ValueError(f"{where}.image: is empty")
-    return ImageInput(image=_check_unicode(value["image"], f"{where}.image"))
+    if keys == ["text"]:
+        return TextInput(text=_check_unicode(value["text"], f"{where}.text"))
+    image = _check_unicode(value["image"], f"{where}.image")
+    if len(keys) == 2:
+        return ImageTextInput(image=image, text=_check_unicode(value["text"], f"{where}.text"))
+    return ImageInput(image=image)
 
 
 def _parse_query(value: Any) -> TextInput | ImageInput:
@@ -121,7 +133,7 @@ def _parse_documents(value: Any) -> list[TextInput | ImageInput]:
         raise ValueError(f"documents: expected an array, got {json_type(value)}")
     if not value:
         raise ValueError("documents: is empty; give at least one document")
-    return [_parse_input(doc, f"documents[{i}]") for i, doc in enumerate(value)]
+    return [_parse_input(doc, f"documents[{i}]", both=True) for i, doc in enumerate(value)]
 
 
 def _parse_top_n(value: Any) -> int | None:
@@ -151,7 +163,7 @@ def _parse_model(value: Any) -> str | None:
     return value
 
 
-Input = Union[str, TextInput, ImageInput]
+Input = Union[str, TextInput, ImageTextInput, ImageInput]
 
 # The query as the OpenAPI schema states it: what the validator accepts, a blank text excluded.
 _NONBLANK = {"type": "string", "minLength": 1, "pattern": "\\S"}

@@ -1,0 +1,237 @@
+"""Why a document scored as it did: attributions over its text tokens and its image's regions.
+
+`explain(reranker, query, document, method)` scores one pair and gives each part of the document a
+number: each text token, with its (start, end) character offsets into the document text, and each
+image region, one visual token of the merged grid (a 2x2 window of 14-pixel patches, 28x28 pixels of
+the resized image), with its pixel box in the original image.
+
+The two methods measure different things:
+
+- "occlusion" measures what a part does to the score. A part's attribution is the raw score minus
+  the raw score of the prompt without that part: a text token deleted from the prompt, a region's
+  visual token replaced by the mean of the image's visual tokens. Positive: the part raises the
+  score. It is exactly the change it reports. It costs one decoder pass per token and region,
+  run in ragged batches; attention is causal, so the keys and values of the prompt before the
+  removed part are those of the whole prompt, computed once, and each variant runs only from the
+  removed part on. The image is encoded once (through the vision cache).
+- "attention" measures where the score token looks: the attention probability of the score token
+  (the prompt's last token) on each document token, averaged over heads and layers, from one
+  forward pass. Non-negative; it does not say whether a token raises or lowers the score.
+
+A visual token already mixes in the rest of its image (the vision tower attends over the whole
+image), so a region's attribution is that of what the decoder reads at the region's place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .batching import Prepared, budget_groups
+from .errors import InputError
+from .images import load_image, preprocess
+from .images.preprocess import FACTOR, PATCH_SIZE
+from .model import RaggedBatch
+from .prompt import (DOC_HEAD, IMAGE_PLACEHOLDER, QUERY_HEAD, Side, build_prompt, check_text, default_max_doc_length,
+                     document_string, expand_images)
+from .rope import apply_rotary, mrope_positions
+
+METHODS = ("occlusion", "attention")
+MAX_VARIANTS_PER_PASS = 64  # occluded prompts per decoder pass (each also bounded by the reranker's token budget)
+
+
+@dataclass
+class Layout:
+    """One pair's prompt and where the document's parts sit in it."""
+
+    ids: list[int]
+    positions: torch.Tensor  # (3, len(ids)) M-RoPE positions
+    grids: list[tuple[int, int, int]]  # images in prompt order
+    images: list[Prepared]  # the same images, the document's first
+    text: str | None  # the document text as the prompt holds it (its start, if it was cut)
+    text_rows: list[int]  # prompt rows of the document's text tokens
+    offsets: list[tuple[int, int]]  # each text token's (start, end) in `text`
+    image_rows: list[int]  # prompt rows of the document image's visual tokens, row-major over the merged grid
+    image_size: tuple[int, int] | None  # the original image's (width, height)
+    grid: tuple[int, int, int] | None  # the document image's patch grid (t, h, w)
+
+
+def document_parts(document) -> tuple[str | None, object | None]:
+    """(text, image source) of a document: a str is text, {"text"}, {"image"} or both; anything else an image."""
+    if isinstance(document, dict):
+        if not document or set(document) - {"text", "image"}:
+            raise InputError(f"document: a dict must have 'text', 'image' or both, got keys {sorted(map(str, document))}")
+        return document.get("text"), document.get("image")
+    if isinstance(document, str):
+        return document, None
+    if isinstance(document, (Image.Image, Path, bytes)):
+        return None, document
+    raise InputError(f"document must be a str, an image or a dict, got {type(document).__name__}")
+
+
+def layout(rr, query, document, *, max_length: int = 10240, max_query_length: int = 512) -> Layout:
+    """The pair's prompt as the reranker scores it, with the document's text tokens and visual tokens located."""
+    text, source = document_parts(document)
+    what = "document.text" if source is not None else "document"
+    if text is not None:
+        check_text(text, what, allow_empty=True)
+    q = rr._prepare(query, None, "query", document=False)
+    tok, merge = rr.tokenizer, rr.model.cfg.vision.spatial_merge_size
+    doc, size = Prepared(Side(text=text)), None
+    if source is not None:
+        what = "document.image" if text is not None else "document"
+        try:
+            image = load_image(source)
+            size = image.size
+            pixels, grid = preprocess(image, min_pixels=rr.min_pixels, max_pixels=rr.max_pixels)
+        except InputError as e:
+            raise type(e)(f"{what}: {e}") from None
+        doc = Prepared(Side(text=text, grid=grid), pixels)
+    max_doc_length = default_max_doc_length(max_length, max_query_length)
+    prompt = build_prompt(tok, q.side, doc.side, max_length=max_length, max_doc_length=max_doc_length, merge=merge)
+    ids = prompt.input_ids
+    images = [im for im in (doc, q) if im.pixels is not None]
+
+    # Locate the document text's tokens by their character offsets in the prompt string.
+    doc_str = document_string(tok, doc.side, max_doc_length, merge)
+    held = doc_str[len(IMAGE_PLACEHOLDER):] if doc.side.is_image else doc_str
+    start = len(DOC_HEAD) + len(doc_str) - len(held)
+    end = start + len(held)
+    query_str = IMAGE_PLACEHOLDER if q.side.is_image else q.side.text
+    raw_ids, raw_offsets = tok.encode_with_offsets(DOC_HEAD + doc_str + QUERY_HEAD + query_str)
+    if expand_images(raw_ids, prompt.grids, tok.image_pad_id, merge)[: len(ids) - 1] != ids[:-1]:
+        raise RuntimeError("explain: the prompt's tokens differ from build_prompt's")  # the two must tokenize alike
+    text_rows, offsets, image_rows, row, pads = [], [], [], 0, iter(prompt.grids)
+    for i, (s, e) in zip(raw_ids, raw_offsets):
+        if i == tok.image_pad_id:
+            n = math.prod(next(pads)) // merge**2
+            if doc.side.is_image and not image_rows:  # the document's image comes first
+                image_rows = list(range(row, row + n))
+            row += n
+            continue
+        # A token at the text's edge may also hold template characters (BPE merges "text \n"); it counts as text.
+        if s < end and e > start and row < len(ids) - 1:
+            text_rows.append(row)
+            offsets.append((max(s, start) - start, min(e, end) - start))
+        row += 1
+    positions = mrope_positions(ids, prompt.grids, rr.model.cfg.image_token_id, merge)
+    return Layout(ids, positions, prompt.grids, images, held if text is not None else None, text_rows, offsets,
+                  image_rows, size, doc.side.grid)
+
+
+def region_box(row: int, col: int, image_size: tuple[int, int], grid: tuple[int, int, int]) -> tuple[float, ...]:
+    """(x0, y0, x1, y1) in the original image of merged-grid region (row, col): its 28x28-pixel window of
+    the resized image (grid h x w patches of 14 pixels), scaled back to the original's size."""
+    width, height = image_size
+    sx, sy = width / (grid[2] * PATCH_SIZE), height / (grid[1] * PATCH_SIZE)
+    return (col * FACTOR * sx, row * FACTOR * sy, (col + 1) * FACTOR * sx, (row + 1) * FACTOR * sy)
+
+
+@torch.inference_mode()
+def scores_without(rr, lay: Layout, removals: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Raw score of the pair with, for each removal (text tokens, regions) (indices into lay.text_rows and
+    lay.image_rows), those text tokens deleted and those regions' visual tokens replaced by the image's
+    mean visual token. An empty removal scores the whole prompt."""
+    model, cfg = rr.model, rr.model.cfg
+    visual = rr._visual_tokens(lay.images)
+    full = RaggedBatch.of([lay.ids], [lay.positions], [lay.grids])
+    rr._before_pass(model.model, len(lay.ids))
+    kv = model.prefill(full, visual)[0]  # (layers, 2, tokens, kv_heads, head_dim), the whole prompt's
+    slots = [r for r, i in enumerate(lay.ids) if i == cfg.image_token_id]  # row of each visual token
+    mean = visual[: len(lay.image_rows)].mean(0) if lay.image_rows else None
+    variants = []
+    for text, regions in removals:
+        drop = {lay.text_rows[i] for i in text}
+        swap = {lay.image_rows[i] for i in regions}
+        # Rows before the first change keep the whole prompt's keys and values.
+        start = min(drop | swap, default=len(lay.ids) - 1)
+        ids = [t for r, t in enumerate(lay.ids) if r not in drop]
+        pos = mrope_positions(ids, lay.grids, cfg.image_token_id, cfg.vision.spatial_merge_size) if drop else lay.positions
+        first = sum(r < start for r in slots)  # visual tokens before `start` are in the kept keys and values
+        variants.append((start, ids[start:], pos[:, start:], first, {k for k, r in enumerate(slots) if r in swap}))
+
+    def embeds(first: int, swap: set[int]) -> torch.Tensor:
+        """The visual tokens a variant runs (those from `first` on), with its swapped regions' replaced."""
+        vis = visual[first:]
+        if swap:
+            vis = vis.clone()
+            vis[[k - first for k in sorted(swap)]] = mean
+        return vis
+
+    scores = []
+    for idx in budget_groups([len(v[1]) for v in variants], MAX_VARIANTS_PER_PASS, rr.max_batch_tokens):
+        group = [variants[i] for i in idx]
+        with_images = [v for v in group if v[3] < len(slots)]
+        batch = RaggedBatch.of([v[1] for v in group], [v[2] for v in group], [lay.grids if with_images else []])
+        vis = torch.cat([embeds(v[3], v[4]) for v in with_images]) if with_images else None
+        rr._before_pass(model.model, batch.input_ids.numel())
+        scores += model(batch, vis, [kv[:, :, : v[0]] for v in group]).tolist()
+    return scores
+
+
+def last_token_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities (heads, T) of the last of one sequence's T rows over all of them in one
+    decoder layer, recomputed from the layer's input x (T, hidden) and its cos/sin (T, head_dim) as the
+    layer's attention computes them (GQA: query head j reads key head j // (heads / kv_heads))."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = apply_rotary(attn.q_proj(h[-1:]).view(1, attn.n_heads, attn.head_dim), cos[-1:], sin[-1:])[0]  # (nh, hd)
+    k, _ = attn.kv(h, cos, sin)  # (T, nkv, hd)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (T, nh, hd)
+    logits = torch.einsum("hd,thd->ht", q.float(), k.float()) * attn.head_dim**-0.5
+    return logits.softmax(-1)
+
+
+@torch.inference_mode()
+def attention_weights(rr, lay: Layout) -> tuple[float, torch.Tensor]:
+    """The raw score and the score token's attention (tokens,) over the prompt, averaged over heads and layers,
+    from one forward pass (a pre-hook on each layer reads its input; the layers run unchanged)."""
+    probs = []
+
+    def hook(layer, args):
+        x, cos, sin = args[:3]
+        probs.append(last_token_attention(layer, x, cos, sin).mean(0))
+
+    layers = rr.model.model.layers
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        batch = RaggedBatch.of([lay.ids], [lay.positions], [lay.grids])
+        rr._before_pass(rr.model.model, len(lay.ids))
+        raw = rr.model(batch, rr._visual_tokens(lay.images)).item()
+    finally:
+        for h in handles:
+            h.remove()
+    return raw, torch.stack(probs).mean(0)
+
+
+def explain(rr, query, document, method: str = "occlusion", *, max_length: int = 10240,
+            max_query_length: int = 512) -> dict:
+    """The pair's scores and its document's attributions (see the module docstring for what each method
+    measures): {"method", "score" (normalised), "raw_score", "text": [{"token", "start", "end", "score"}]
+    (offsets into the document text), "image": None or {"width", "height", "rows", "cols", "regions":
+    [{"row", "col", "box": [x0, y0, x1, y1] (original image pixels), "score"}]}}."""
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    lay = layout(rr, query, document, max_length=max_length, max_query_length=max_query_length)
+    n_text, n_regions = len(lay.text_rows), len(lay.image_rows)
+    if method == "occlusion":
+        removals = [([], [])] + [([i], []) for i in range(n_text)] + [([], [j]) for j in range(n_regions)]
+        raw, *rest = scores_without(rr, lay, removals)
+        attributions = [raw - s for s in rest]
+    else:
+        raw, weights = attention_weights(rr, lay)
+        attributions = weights[lay.text_rows + lay.image_rows].tolist()
+    text = [{"token": lay.text[s:e], "start": s, "end": e, "score": a}
+            for (s, e), a in zip(lay.offsets, attributions[:n_text])]
+    image = None
+    if lay.grid is not None:
+        merge = rr.model.cfg.vision.spatial_merge_size
+        rows, cols = lay.grid[1] // merge, lay.grid[2] // merge
+        regions = [{"row": j // cols, "col": j % cols, "box": list(region_box(j // cols, j % cols, lay.image_size, lay.grid)),
+                    "score": a} for j, a in enumerate(attributions[n_text:])]
+        image = {"width": lay.image_size[0], "height": lay.image_size[1], "rows": rows, "cols": cols, "regions": regions}
+    return {"method": method, "score": rr.normalize(raw), "raw_score": raw, "text": text, "image": image}
