@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .cli import add_model_arguments, document_arg, load_reranker
+from .options import add_model_arguments, document_arg, load_reranker
 from .errors import M0liteError
 from .explain import METHODS
 

@@ -16,7 +16,7 @@ MAX_LISTED = 20  # bad rows printed one by one; past that, counted
 
 
 def add_offline_commands(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..options import add_model_arguments
 
     p = sub.add_parser("eval", help="rerank a first-stage TREC run over a BEIR folder and print its metrics")
     add_model_arguments(p)
@@ -81,8 +81,13 @@ def report_bad(bad: list[BadRow], skip: bool, stage: str) -> None:
 
 
 def _run(job: Job, args, out: Path):
-    return run_job(job, _settings(args), out, ray_address=args.ray, ray_workers=args.ray_workers,
-                   progress=not args.no_progress)
+    score = None
+    if args.ray is not None:  # "" for a local instance or RAY_ADDRESS
+        from .ray_job import score_chunks_on_ray
+
+        def score(job, todo, s):
+            return score_chunks_on_ray(job, todo, s, args.ray, args.ray_workers)
+    return run_job(job, _settings(args), out, score=score, progress=not args.no_progress)
 
 
 # ---- eval ---------------------------------------------------------------------------------------

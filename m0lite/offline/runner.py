@@ -223,14 +223,14 @@ class Result:
     state: State
 
 
-def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None, ray_workers: int | None = None,
-            progress: bool = True) -> Result:
-    """Score every chunk not yet saved under OUT.parts (in this process, or on Ray when ray_address
-    is given: "" for a local instance or RAY_ADDRESS), then gather all chunks' scores. The caller
-    writes OUT and then removes the state (result.state.remove())."""
+def run_job(job: Job, s: Settings, out: Path, *, score=None, progress: bool = True) -> Result:
+    """Score every chunk not yet saved under OUT.parts, then gather all chunks' scores. `score`: a function
+    (job, chunks, settings) -> (chunk, result) pairs that scores them elsewhere (ray_job.score_chunks_on_ray,
+    one thread per worker unless --threads); by default they are scored in this process. The caller writes
+    OUT and then removes the state (result.state.remove())."""
     s.check()
     state = State(out)
-    if ray_address is not None:
+    if score is not None:
         threads = s.threads or 1
     else:
         import torch
@@ -248,11 +248,7 @@ def run_job(job: Job, s: Settings, out: Path, *, ray_address: str | None = None,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     if done:
         bar.write(f"resuming {state.dir}: {len(done)} of {len(job.chunks)} chunks already done", file=sys.stderr)
-    if ray_address is not None:
-        from .ray_job import score_chunks_on_ray
-        results = score_chunks_on_ray(job, todo, s, ray_address, ray_workers)
-    else:
-        results = score_chunks_here(job, todo, s)
+    results = (score or score_chunks_here)(job, todo, s)
     try:
         for c, result in results:
             a = job.chunks[c][0]

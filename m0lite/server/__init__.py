@@ -8,10 +8,12 @@
     scheduler.py  the model thread: fair passes under a token and patch budget
     memory.py     the image memory budget, and freed memory returned to the system
     metrics.py    GET /metrics (Prometheus)
-    settings.py   ServerSettings, the command line, `serve` and `main`
+    settings.py   ServerSettings and the command line
+    main.py       `serve` and `main`: load the model, run the app
 """
 
-from .settings import ServerSettings, add_serve_arguments, main, serve
+from .main import main, serve
+from .settings import ServerSettings, add_serve_arguments
 
 
 def build_app(reranker, settings=None):

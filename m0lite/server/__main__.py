@@ -1,3 +1,3 @@
-from .settings import main
+from .main import main
 
 main()
