@@ -26,6 +26,7 @@ from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, prepr
 from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
 from .transforms import int8
+from .transforms.onednn import cpu_flags
 
 # Packing a tower's weights (transforms.pack_weights) costs a one-time copy of its weights and makes every
 # later pass faster (bench/RESULTS.md has both). So, as one rents skis until the rent would have bought them,
@@ -39,11 +40,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls then run several times faster than fp32 (without, far slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

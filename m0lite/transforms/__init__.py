@@ -21,11 +21,9 @@ import torch
 from torch import nn
 
 from . import chunked
-from .onednn import OneDNNLinear, file_mappings, release_mapped_pages, usable
+from .onednn import OneDNNLinear, file_mappings, packable, release_mapped_pages
 
 __all__ = ["pack_weights", "packable", "compile_blocks"]
-
-packable = usable
 
 
 def pack_weights(tower: nn.Module) -> int:

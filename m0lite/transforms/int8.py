@@ -28,7 +28,6 @@ checks every tensor as strictly as any other.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from torch import nn
 from ..errors import InputError
 from . import chunked
 from .epilogue import EpilogueLinear
-from .onednn import file_mappings, release_mapped_pages
+from .onednn import cpu_flags, file_mappings, release_mapped_pages
 
 QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetric, per output channel",
                 "scale_suffix": "weight_scale"}
@@ -76,7 +75,6 @@ class Int8Linear(EpilogueLinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.compute = "weight-only"
         self._packed = None  # the weight in oneDNN's layout ("dynamic")
         self._zero_points = None
 
@@ -90,6 +88,11 @@ class Int8Linear(EpilogueLinear):
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return q
+
+    @property
+    def compute(self) -> str:
+        """"dynamic" once `prepack`ed, else "weight-only"."""
+        return "weight-only" if self._packed is None else "dynamic"
 
     def rewrite(self, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0) -> "Int8Linear":
         """In place: outputs in the order `rows`, weight and bias scaled (chunked.py's vision rewrites).
@@ -185,11 +188,7 @@ def quantize(tower: nn.Module) -> None:
 
 
 def has_int8_units() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(f in flags for f in INT8_UNITS)
+    return bool(cpu_flags() & set(INT8_UNITS))
 
 
 def resolve_compute(compute: str, device: torch.device) -> str:
@@ -216,6 +215,3 @@ def prepare(tower: nn.Module, compute: str) -> None:
         for m in tower.modules():
             if isinstance(m, Int8Linear) and m._packed is None:
                 m.prepack(mapped)
-    for m in tower.modules():
-        if isinstance(m, Int8Linear):
-            m.compute = compute

@@ -8,7 +8,7 @@ resident memory does not grow) and fuses what follows the matmul into it (`silu`
 SwiGLU and the residual adds otherwise make.
 
 Results differ from `F.linear` only in rounding (a fused epilogue rounds once, from
-fp32), well inside bf16 noise. This is for bf16 on CPUs with native bf16 (`usable`).
+fp32), well inside bf16 noise. This is for bf16 on CPUs with native bf16 (`packable`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,16 @@ from .epilogue import EpilogueLinear
 CHUNK_ROWS = 256  # rows per matmul in the fast layers (chunked.py), which the blocked layout is tuned for
 
 
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        return frozenset(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return frozenset()
+
+
+def packable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU can run `OneDNNLinear` for this device and dtype."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
