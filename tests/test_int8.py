@@ -95,6 +95,29 @@ def test_dynamic_runs_the_fast_form_and_is_batch_invariant(tiny_ckpt):
     assert together == pytest.approx(alone, abs=1e-5)
 
 
+@pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_input_matmul_equals_each_linear(bias):
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=bias).to(torch.bfloat16) for n in (48, 16, 16)]
+    alone = [int8.Int8Linear.quantized(lin) for lin in linears]
+    shared = [int8.Int8Linear.quantized(lin) for lin in linears]
+    for m in alone:
+        m.prepack([])
+    int8.SharedInput(shared, [])
+    assert all(m.compute == "dynamic" and m.weight is None for m in shared)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    want = [m(x) for m in alone]
+    # Each member's part of the one matmul equals its own matmul (int8 products are exact), and an epilogue
+    # writing to one part (as silu_ does) leaves the others alone.
+    first = shared[0].silu(x)
+    assert torch.equal(first, torch.nn.functional.silu(want[0]))
+    assert all(torch.equal(m(x), w) for m, w in zip(shared[1:], want[1:]))
+    # A second call on the same input computes afresh, rather than handing out a part already written to.
+    assert torch.equal(shared[0](x), want[0])
+    assert torch.equal(shared[1](x[:7]), want[1][:7])
+
+
 def test_round_trip_is_bit_identical(tiny_ckpt, quantized_ckpt, tmp_path):
     pairs = [[QUERY, d] for d in DOCS]
     at_load = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8")

@@ -43,29 +43,30 @@ QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetri
 COMPUTE = ("dynamic", "weight-only")
 # CPU flags of int8 matmul units that oneDNN's u8 x s8 kernels use.
 INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
-
-
-class _LastQuantized(threading.local):
-    """The last activations quantised on this thread, so that the projections that read the same input tensor
-    one after another (q, k and v; gate and up, in the fast forms) quantise it once. Sound because no caller
-    changes an input in place between two projections of it (inference tensors keep no version counter
-    to check); a different tensor replaces the entry."""
-
-    x = ptr = xq = scale = None
-
-
-_last = _LastQuantized()
+# The decoder layer's linears that read one input, run as one matmul in "dynamic" (SharedInput).
+SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, in) -> (uint8 codes around 128, (rows, 1) fp32 scales): x ~= (codes - 128) * scale, each row's
     largest |x| at 127. uint8 with zero point 128 because oneDNN's fast int8 kernels are u8 x s8."""
-    if x is _last.x and x.data_ptr() == _last.ptr:
-        return _last.xq, _last.scale
     scale = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30).div_(127)
-    xq = torch.addcmul(torch.tensor(128.0), x, scale.reciprocal()).round_().to(torch.uint8)
-    _last.x, _last.ptr, _last.xq, _last.scale = x, x.data_ptr(), xq, scale
-    return xq, scale
+    # Each step in x's dtype: torch's CPU kernels that mix bf16 and fp32 operands, or cast to uint8, are
+    # several times slower. In bf16 x / scale is rounded twice (to bf16, then to an integer): at most 0.75
+    # of a code off instead of 0.5, and only for |code| >= 64, where bf16's spacing is 0.5. The clamp
+    # catches the largest |x| landing on 127.5. The codes are in -127..127, so c + 128 as uint8 is c's
+    # int8 bit pattern with the top bit flipped.
+    codes = torch.mul(x, scale.reciprocal().to(x.dtype)).round_().clamp_(-127, 127).to(torch.int8)
+    return codes.view(torch.uint8).bitwise_xor_(128), scale
+
+
+def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias) -> torch.Tensor:
+    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8, in x's dtype."""
+    xq, row_scale = quantize_rows(x)
+    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, weight_scale, zero_points,
+                                           None, 1.0, 0, x.dtype, "none", [], "")
+    y = y.mul_(row_scale.to(y.dtype))  # in y's dtype (see quantize_rows): the scale rounded once
+    return y if bias is None else y.add_(bias)
 
 
 class Int8Linear(EpilogueLinear):
@@ -75,7 +76,7 @@ class Int8Linear(EpilogueLinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._packed = None  # the weight in oneDNN's layout ("dynamic")
+        self._packed = None  # "dynamic": the weight in oneDNN's layout, or the SharedInput that holds it
         self._zero_points = None
 
     @classmethod
@@ -119,13 +120,48 @@ class Int8Linear(EpilogueLinear):
             w = self.weight.to(x.dtype).mul_(self.weight_scale.to(x.dtype)[:, None])
             return F.linear(x, w, self.bias)
         shape = x.shape
-        xq, row_scale = quantize_rows(x if x.dim() == 2 else x.reshape(-1, self.in_features))
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self._packed, self.weight_scale, self._zero_points,
-                                               None, 1.0, 0, x.dtype, "none", [], "")
-        y = y.mul_(row_scale)
-        if self.bias is not None:
-            y = y.add_(self.bias)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if isinstance(self._packed, SharedInput):
+            y = self._packed.output(x2, self)
+        else:
+            y = int8_matmul(x2, self._packed, self.weight_scale, self._zero_points, self.bias)
         return y.view(*shape[:-1], self.out_features)
+
+
+class SharedInput:
+    """Int8 linears that read the same input, one after another, in a fast form (q, k and v; gate and up):
+    laid out as one matmul, their weights side by side, so that the input is quantised once and the narrow
+    k and v run inside q's matmul. A member's call computes every member's output and keeps it, on this
+    thread, for the others' calls on the same input tensor; each member's part is handed out once (its
+    epilogue may write to it), a second call computes afresh. Sound because no caller changes an input
+    in place between two projections of it (inference tensors keep no version counter to check)."""
+
+    def __init__(self, members: list[Int8Linear], mapped: list[tuple[int, int]]):
+        if len({m.bias is None for m in members}) != 1 or len({m.in_features for m in members}) != 1:
+            raise ValueError("SharedInput: members must have the same input size and all or none a bias")
+        self.packed = torch.ops.onednn.qlinear_prepack(torch.cat([m.weight for m in members]), None)
+        self.weight_scale = torch.cat([m.weight_scale for m in members])
+        self.zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+        self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+        self.spans, start = {}, 0
+        for m in members:
+            self.spans[id(m)] = (start, start + m.out_features)
+            start += m.out_features
+            release_mapped_pages(m.weight, mapped)
+            m.weight, m._packed = None, self
+        self._kept = threading.local()
+
+    def output(self, x: torch.Tensor, member: Int8Linear) -> torch.Tensor:
+        kept = self._kept
+        if getattr(kept, "x", None) is not x or kept.ptr != x.data_ptr() or id(member) in kept.taken:
+            kept.x, kept.ptr, kept.taken = x, x.data_ptr(), set()
+            kept.y = int8_matmul(x, self.packed, self.weight_scale, self.zero_points, self.bias)
+        kept.taken.add(id(member))
+        start, end = self.spans[id(member)]
+        y = kept.y[:, start:end]
+        if len(kept.taken) == len(self.spans):  # all handed out: keep nothing alive
+            kept.x = kept.y = None
+        return y
 
 
 class Int8Embedding(nn.Module):
@@ -212,6 +248,12 @@ def prepare(tower: nn.Module, compute: str) -> None:
     if compute == "dynamic":
         chunked.apply(tower, lambda lin, **rewrite: lin.rewrite(**rewrite) if isinstance(lin, Int8Linear) else lin)
         mapped = file_mappings()
+        for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
+            for parent, names in SHARED_INPUTS:
+                module = getattr(layer, parent)
+                members = [getattr(module, name) for name in names]
+                if all(isinstance(m, Int8Linear) and m._packed is None for m in members):
+                    SharedInput(members, mapped)
         for m in tower.modules():
             if isinstance(m, Int8Linear) and m._packed is None:
                 m.prepack(mapped)
