@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import M0liteError
-from .options import add_model_arguments, document_arg, load_reranker
-
+from .options import add_model_arguments, document_arg, json_document, jsonl_documents, load_reranker
 
 
 # The seed example: a query against texts in several languages (from the jina-reranker-m0 model card).
@@ -35,18 +34,33 @@ def print_ranking(results: list[dict], documents: list, as_json: bool, query=Non
     print(f"{'rank':>4}  {'score':>8}  {'doc':>4}  document")
     for rank, r in enumerate(results, 1):
         d = documents[r["index"]]
-        text = f"[image] {d['image']}" if "image" in d else d["text"]
+        text = " + ".join(([f"[image] {d['image']}"] if "image" in d else []) + ([d["text"]] if "text" in d else []))
         text = " ".join(text.split())
         print(f"{rank:>4}  {r['relevance_score']:8.4f}  {r['index']:>4}  {text[:80] + ('…' if len(text) > 80 else '')}")
 
 
+def rank_documents(args) -> list[dict]:
+    """`rank`'s documents, in the order their indices count: the DOC arguments, each --doc-json, then the
+    lines of --docs-jsonl."""
+    documents = [document_arg(d) for d in args.documents]
+    for k, text in enumerate(args.doc_json, 1):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise M0liteError(f"--doc-json {k}: not JSON ({e.msg} at column {e.colno})") from None
+        documents.append(json_document(value, f"--doc-json {k}"))
+    if args.docs_jsonl is not None:
+        documents += jsonl_documents(args.docs_jsonl)
+    return documents
+
+
 def cmd_rank(args) -> None:
-    if not args.documents:
-        raise M0liteError("give at least one document")
     if (args.query is None) == (args.query_image is None):
         raise M0liteError("give exactly one of --query TEXT or --query-image PATH_OR_URL")
+    documents = rank_documents(args)
+    if not documents:
+        raise M0liteError("give at least one document")
     query = {"image": args.query_image} if args.query_image else args.query
-    documents = [document_arg(d) for d in args.documents]
     rr = load_reranker(args)
     results = rr.rank(query, documents, top_n=args.top_n, show_progress=len(documents) > 32 and not args.json)
     print_ranking(results, documents, args.json)
@@ -89,7 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-image", help="an image query: file, URL, base64 or data URI")
     p.add_argument("--top-n", type=int, default=None, help="print only the best N")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("documents", nargs="*", metavar="DOC")
+    p.add_argument("--doc-json", action="append", default=[], metavar="JSON",
+                   help='a document as JSON, e.g. \'{"image": "page.png", "text": "its caption"}\' (an image and its '
+                        'text together), \'{"text": "..."}\' or a JSON string; repeatable')
+    p.add_argument("--docs-jsonl", metavar="FILE",
+                   help="documents as JSON lines, one a line as in --doc-json ('-': standard input; image paths "
+                        "from the file's folder)")
+    p.add_argument("documents", nargs="*", metavar="DOC",
+                   help="text, a text file, an image file or URL; documents are numbered in the order DOCs, "
+                        "--doc-json, --docs-jsonl")
     p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("demo", help="rank the seed example (on a local random checkpoint unless --model is given)")

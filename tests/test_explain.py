@@ -1,5 +1,6 @@
 """Reranker.explain: occlusion attributions are the score changes they claim, the top-attributed parts
-matter more than random ones, the attention is the layers' own, and regions line up with the patch grid."""
+matter more than random ones, the attention is the layers' own, and regions line up with the patch grid;
+the lean mode (int8) explains as fp32 does."""
 
 from __future__ import annotations
 
@@ -238,3 +239,44 @@ def test_occlusion_encodes_the_image_once_and_batches_the_variants(tiny_ckpt, mo
     variants = 1 + len(out["text"]) + len(out["image"]["regions"])
     assert towers == [1]  # the image is encoded once for every variant
     assert sum(passes) == variants and len(passes) < variants  # variants share passes
+
+
+@pytest.mark.parametrize("compute", ["weight-only", *(["dynamic"] if torch.backends.mkldnn.is_available()
+                                                     and hasattr(torch.ops.onednn, "qlinear_pointwise") else [])])
+def test_lean_mode_explains(tiny_ckpt, compute):
+    """In int8 both methods explain text, image and image+text documents; the raw score is the int8 model's
+    own, and each occlusion attribution is that model's score of the whole prompt minus its score of the
+    prompt run whole (one sequence, no kept keys and values) without the part."""
+    from m0lite import Reranker
+    from m0lite.model import RaggedBatch
+    from m0lite.rope import mrope_positions
+
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype="float32", quantize="int8", int8_compute=compute)
+    cfg = rr.model.cfg
+
+    def whole(lay, ids, swapped=()):
+        visual = rr._visual_tokens(lay.images)
+        if swapped:
+            visual = visual.clone()
+            visual[list(swapped)] = visual[: len(lay.image_rows)].mean(0)
+        pos = mrope_positions(ids, lay.grids, cfg.image_token_id, cfg.vision.spatial_merge_size)
+        with torch.inference_mode():
+            return rr.model(RaggedBatch.of([ids], [pos], [lay.grids]), visual).item()
+
+    for doc in ("markdown tables and gold", page(7), {"image": page(8), "text": "a caption of markdown"}):
+        raw = rr.compute_score([QUERY, doc], normalize_scores=False, doc_type="text" if isinstance(doc, (str, dict)) else "image")
+        lay = layout(rr, QUERY, doc)
+        for method in ("occlusion", "attention"):
+            out = rr.explain(QUERY, doc, method=method)
+            assert out["raw_score"] == pytest.approx(raw, abs=1e-5) and len(out["text"]) == len(lay.text_rows)
+            assert (out["image"] is None) == isinstance(doc, str)
+            assert out["image"] is None or len(out["image"]["regions"]) == len(lay.image_rows)
+            if method != "occlusion":
+                continue
+            base = whole(lay, lay.ids)
+            assert base == pytest.approx(raw, abs=1e-5)
+            for i in sorted({0, len(lay.text_rows) - 1}) if lay.text_rows else []:
+                ids = [t for r, t in enumerate(lay.ids) if r != lay.text_rows[i]]
+                assert out["text"][i]["score"] == pytest.approx(base - whole(lay, ids), abs=1e-4)
+            for j in sorted({0, len(lay.image_rows) - 1}) if lay.image_rows else []:
+                assert out["image"]["regions"][j]["score"] == pytest.approx(base - whole(lay, lay.ids, [j]), abs=1e-4)

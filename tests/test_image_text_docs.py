@@ -106,3 +106,41 @@ def test_caches_key_on_image_and_text(tiny_ckpt, tiny_reranker):
 def test_bad_parts_are_named(tiny_reranker, doc, error, match):
     with pytest.raises(error, match=match):
         tiny_reranker.rank(QUERY, [doc])
+
+
+def test_rank_command_takes_image_and_text_documents(tiny_ckpt, tiny_reranker, tmp_path, capsys, monkeypatch):
+    """`m0lite rank --doc-json` and `--docs-jsonl`: a document of an image and text scores as the API scores it;
+    documents are numbered DOCs first, then --doc-json, then the file's lines (image paths from its folder)."""
+    import json
+
+    from m0lite.cli import main
+
+    monkeypatch.chdir(tmp_path)  # --doc-json's relative paths are from here
+    page(0).save(tmp_path / "p.png")
+    (tmp_path / "pages").mkdir()
+    page(1).save(tmp_path / "pages" / "q.png")
+    (tmp_path / "pages" / "docs.jsonl").write_text(
+        json.dumps({"image": "q.png", "text": "第二页的说明"}) + "\n\n" + json.dumps("a plain text line") + "\n")
+    argv = ["rank", "--model", str(tiny_ckpt), "--dtype", "float32", "--query", QUERY, "literal text",
+            "--doc-json", json.dumps({"image": "p.png", "text": "a caption about markdown"}),
+            "--doc-json", '{"text": "more text"}', "--docs-jsonl", str(tmp_path / "pages" / "docs.jsonl")]
+    assert main([*argv, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"]
+    docs = ["literal text", {"image": "p.png", "text": "a caption about markdown"}, "more text",
+            {"image": str(tmp_path / "pages" / "q.png"), "text": "第二页的说明"}, "a plain text line"]
+    assert got == [pytest.approx(r) for r in tiny_reranker.rank(QUERY, docs)]
+    assert main(argv) == 0  # the table names both parts
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 6 and any(line.endswith("1  [image] p.png + a caption about markdown") for line in table), table
+
+    bad = [(['{"image": "p.png", "txt": "x"}'], "--doc-json 1: a document is a JSON string or an object"),
+           (['{"image": "p.png", "text": 3}'], "--doc-json 1: 'text' must be a string, got int"),
+           (['{"image": "nowhere.png", "text": "x"}'], "--doc-json 1: image nowhere.png: no such file"),
+           (["{'image': 1}"], "--doc-json 1: not JSON"), (["[1]"], "got list")]
+    for doc_json, words in bad:
+        assert main(["rank", "--model", str(tiny_ckpt), "--query", QUERY, "--doc-json", *doc_json]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    (tmp_path / "bad.jsonl").write_text('"fine"\n{"image": 5}\n')
+    assert main(["rank", "--model", str(tiny_ckpt), "--query", QUERY, "--docs-jsonl", str(tmp_path / "bad.jsonl")]) == 2
+    assert f"{tmp_path / 'bad.jsonl'}:2: 'image' must be a string" in capsys.readouterr().err

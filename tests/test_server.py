@@ -400,7 +400,8 @@ chaotic = st.fixed_dictionaries(
     {"query": text | st.builds(lambda t: {"text": t}, text) | st.builds(lambda s: {"image": s}, image) | json_any,
      "documents": st.lists(document, max_size=5) | json_any},
     optional={"model": st.text(max_size=10) | json_any, "top_n": st.integers(-2, 8) | json_any,
-              "top_k": st.integers(-2, 8), "return_documents": st.booleans() | json_any, "extra": json_any})
+              "top_k": st.integers(-2, 8), "return_documents": st.booleans() | json_any, "extra": json_any,
+              "explain": st.booleans() | json_any, "explain_method": json_any})
 # Mostly-valid requests, so that the success path is fuzzed too.
 good_image = st.sampled_from([PNG_B64, "data:image/png;base64," + PNG_B64] + [
     base64.b64encode(png(w, h)).decode() for w, h in [(30, 90), (1, 1), (3, 600), (601, 3), (1, 250)]])
@@ -409,7 +410,8 @@ good_doc = st.text(max_size=30) | st.builds(lambda t: {"text": t}, st.text(max_s
 plausible = st.fixed_dictionaries(
     {"query": st.text(min_size=1, max_size=30).filter(str.strip) | st.builds(lambda s: {"image": s}, good_image),
      "documents": st.lists(good_doc | document, min_size=1, max_size=4)},
-    optional={"model": st.text(max_size=10), "top_n": st.integers(0, 6), "return_documents": st.booleans()})
+    optional={"model": st.text(max_size=10), "top_n": st.integers(0, 6), "return_documents": st.booleans(),
+              "explain": st.booleans(), "explain_method": st.sampled_from(["attention", "occlusion"])})
 request = plausible | chaotic
 
 
@@ -434,6 +436,7 @@ def test_fuzz_never_500(fuzz_client, body, as_json):
     if r.status_code == 200:
         docs = body["documents"] if isinstance(body["documents"], list) else body["documents"]["content"]
         assert_ranked(data, len(docs), top_n=body["top_n"] if "top_n" in body else body.get("top_k"))
+        assert all(("explanation" in x) == (body.get("explain") is True) for x in data["results"])
     else:
         assert set(data) == {"detail"} and isinstance(data["detail"], str) and data["detail"]
 

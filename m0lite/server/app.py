@@ -10,8 +10,10 @@ A scoring request goes through, in order: `Guard` (request id, access log,
 auth, body cap and timeout); JSON parse (400); its dialect's validation (422,
 naming the field) and limits (413); images loaded in bounded memory
 (`inputs.py`, 422/413 naming the document); the `Scheduler`'s model thread
-(503 when the queue is full, 504 past the deadline); the dialect's answer. A
-client that disconnects meanwhile has its remaining work dropped.
+(503 when the queue is full, 504 past the deadline); with `explain`, the
+returned results' explanations, on the same thread (`explanations.py`); the
+dialect's answer. A client that disconnects meanwhile has its remaining work
+dropped.
 
 Every error is `{"detail": "..."}`; a 500 means a bug in m0lite and is logged
 with its traceback, never sent to the client.
@@ -35,7 +37,8 @@ from starlette.responses import JSONResponse, Response
 from m0lite.errors import ImageTooLargeError, InputError
 from m0lite.images import MAX_PIXELS, MIN_PIXELS
 
-from .dialects import DIALECTS, ROUTES, DialectError, list_fields, pick
+from .dialects import DIALECTS, ROUTES, DialectError, list_fields, pick, ranked, refuse_explain
+from .explanations import bounded, check_occlusion, explain_cost
 from .guard import ARRIVAL, REQUEST_ID, Guard
 from .inputs import InputLoader, LoadTimeout, RequestTooLarge, check_texts
 from .memory import Trimmer
@@ -66,7 +69,7 @@ def _identity(raw: float) -> float:
 
 def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
     """The ASGI app around any object with `score_pairs(pairs, normalize=False, ...) -> (scores, tokens)`
-    and `normalize(raw) -> score` (a `Reranker`)."""
+    and `normalize(raw) -> score` (a `Reranker`), and for explanations `explain(query, document, method, ...)`."""
     settings = settings or ServerSettings()
     normalize = getattr(reranker, "normalize", _identity)
 
@@ -74,8 +77,13 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
         return reranker.score_pairs(pairs, normalize=False, max_length=settings.max_length,
                                     max_query_length=settings.max_query_length)
 
+    def explain_fn(items):
+        return [reranker.explain(q, d, method, max_length=settings.max_length,
+                                 max_query_length=settings.max_query_length) for q, d, method in items]
+
     metrics = Metrics(reranker)
-    scheduler = Scheduler(score_fn, max_queue=settings.max_queue, max_pass_pairs=settings.max_batch_pairs,
+    scheduler = Scheduler(score_fn, explain_fn=explain_fn, max_queue=settings.max_queue,
+                          max_pass_pairs=settings.max_batch_pairs,
                           max_pass_tokens=settings.max_pass_tokens, max_pass_patches=settings.max_pass_patches,
                           batch_wait_s=settings.batch_wait_ms / 1000, on_pass=metrics.on_pass,
                           on_drop=metrics.on_drop, on_idle=Trimmer())
@@ -125,6 +133,7 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
                 raise HTTPError(413, f"{key}: {len(items)} items, over the limit of {settings.max_documents} "
                                      f"documents per request (--max-documents)")
         try:
+            refuse_explain(dialect, data)
             task = dialect.task(dialect.request.model_validate(data))
         except ValidationError as e:
             raise HTTPError(422, describe_validation_error(e)) from None
@@ -145,17 +154,28 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
             log.info("request %s: client disconnected, its work dropped", request.scope.get(REQUEST_ID))
             return Response(status_code=499)
         scores, tokens = work.result()
-        scores = scores if task.raw_scores else [normalize(s) for s in scores]
         return JSONResponse(dialect.answer(task, scores, int(sum(tokens)), settings.served_model_name))
 
     async def _score(task, deadline):
+        """The task's scores (normalised unless it asks for raw ones) and token counts; with explain, its
+        returned results' explanations set on it."""
         try:
-            pairs, costs = await loader.prepare(task, deadline)
+            pairs, costs, sizes = await loader.prepare(task, deadline)
         except LoadTimeout:
             raise HTTPError(504, f"images not loaded within {settings.request_timeout:g} s "
                                  f"(--request-timeout)") from None
+        check_occlusion(task, costs, settings.max_occlusion_parts)
         try:
-            return await scheduler.score(pairs, deadline, costs)
+            scores, tokens = await scheduler.score(pairs, deadline, costs)
+            scores = scores if task.raw_scores else [normalize(s) for s in scores]
+            if task.explain:
+                shown = ranked(task, scores)
+                items = [(*pairs[i], task.explain) for i in shown]
+                explanations = await scheduler.explain(items, deadline, [
+                    explain_cost(costs[i], task.explain, settings.max_pass_tokens) for i in shown])
+                task.explanations = {i: bounded(e, settings.max_explanation_parts, sizes[i])
+                                     for i, e in zip(shown, explanations)}
+            return scores, tokens
         except Overloaded as e:
             raise HTTPError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
         except DeadlineExceeded:

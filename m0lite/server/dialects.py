@@ -2,8 +2,8 @@
 
     route            dialect     request                         answer
     /v1/rerank       jina        {query, documents, top_n,       {id, model, usage, results: [{index,
-    /rerank          (vLLM,       return_documents=true}          relevance_score, document?}]} best first
-    /reranking       llama.cpp)
+    /rerank          (vLLM,       return_documents=true,          relevance_score, document?,
+    /reranking       llama.cpp)   explain=false, explain_method}  explanation?}]} best first
     /v1/reranking
     /v1/rerank       cohere-v1   as jina, return_documents=false {id, results, meta: {api_version: 1,
                                  (Cohere's SDK, or rank_fields /   billed_units}}
@@ -18,14 +18,16 @@
 
 Every dialect turns its request into a `Task` (pairs to score and how to
 answer); the app scores every task the same way, and the dialect writes the
-answer. Errors are `{"detail": "..."}` in every dialect.
+answer. Errors are `{"detail": "..."}` in every dialect. Explanations
+(`explain`, m0lite's own) come in the Jina shape only; the other dialects
+refuse a request that asks for them (422) rather than answer without.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -53,6 +55,8 @@ class Task:
     return_documents: bool = False
     raw_scores: bool = False  # scores before the sigmoid
     truncate: bool = True  # False: a document the model would cut is refused (413)
+    explain: str | None = None  # the method of the explanations asked for, or None
+    explanations: dict[int, dict] = field(default_factory=dict)  # set after scoring: result index -> explanation
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,22 @@ class Dialect:
     request: type[BaseModel]  # validates the body; its JSON schema goes in the OpenAPI document
     task: Callable[[Any], Task]
     answer: Callable[[Task, list[float], int, str], Any]  # (task, scores, total tokens, model name) -> JSON
+    explains: bool = False  # takes `explain` (the others refuse it)
 
 
 # -- requests -> tasks -------------------------------------------------------------
 
 
-def _rerank_task(req: RerankRequest) -> Task:
+def _rerank_task(req: CohereRerankRequest | RerankRequest) -> Task:
     docs = list(req.documents)
     return Task(pairs=[(req.query, d) for d in docs], wheres=[("query", f"documents[{i}]") for i in range(len(docs))],
                 documents=docs, top_n=req.top_n, return_documents=req.return_documents)
+
+
+def _jina_task(req: RerankRequest) -> Task:
+    task = _rerank_task(req)
+    task.explain = req.explain_method if req.explain else None
+    return task
 
 
 def _tei_task(req: TEIRerankRequest) -> Task:
@@ -96,7 +107,8 @@ def _score_task(req: ScoreRequest) -> Task:
 # -- scores -> answers -------------------------------------------------------------
 
 
-def _ranked(task: Task, scores: list[float]) -> list[int]:
+def ranked(task: Task, scores: list[float]) -> list[int]:
+    """The indices of the results a task returns, best first."""
     return rank_order(scores)[: task.top_n]
 
 
@@ -107,10 +119,12 @@ def _echo(doc: Input) -> dict:
 def _results(task: Task, scores: list[float]) -> list[dict]:
     """Jina's and Cohere's results: best first, each with its index, score and (if asked) document."""
     results = []
-    for i in _ranked(task, scores):
+    for i in ranked(task, scores):
         result = {"index": i, "relevance_score": scores[i]}
         if task.return_documents:
             result["document"] = _echo(task.documents[i])
+        if i in task.explanations:
+            result["explanation"] = task.explanations[i]
         results.append(result)
     return results
 
@@ -130,7 +144,7 @@ def _cohere_answer(version: str):
 
 def _tei_answer(task: Task, scores: list[float], tokens: int, model: str) -> list:
     out = []
-    for i in _ranked(task, scores):
+    for i in ranked(task, scores):
         result = {"index": i, "score": scores[i]}
         if task.return_documents:
             result["text"] = task.documents[i].text
@@ -148,7 +162,7 @@ def _score_answer(task: Task, scores: list[float], tokens: int, model: str) -> d
 # -- the table ---------------------------------------------------------------------
 
 DIALECTS = {
-    "jina": Dialect("jina", RerankRequest, _rerank_task, _jina_answer),
+    "jina": Dialect("jina", RerankRequest, _jina_task, _jina_answer, explains=True),
     "cohere-v1": Dialect("cohere-v1", CohereRerankRequest, _rerank_task, _cohere_answer("1")),
     "cohere-v2": Dialect("cohere-v2", CohereRerankRequest, _rerank_task, _cohere_answer("2")),
     "tei": Dialect("tei", TEIRerankRequest, _tei_task, _tei_answer),
@@ -167,6 +181,7 @@ ROUTES = {
 }
 
 _COHERE_ONLY_FIELDS = ("rank_fields", "max_chunks_per_doc", "max_tokens_per_doc")
+EXPLAIN_FIELDS = ("explain", "explain_method")
 
 
 def pick(path: str, body: dict, headers: dict[bytes, bytes]) -> Dialect:
@@ -180,6 +195,15 @@ def pick(path: str, body: dict, headers: dict[bytes, bytes]) -> Dialect:
     return DIALECTS[names[0]]
 
 
+def refuse_explain(dialect: Dialect, body: dict) -> None:
+    """A dialect that gives no explanations refuses a body that asks for them, whatever the value: answering
+    without them would look like a server that ignored the question."""
+    asked = [k for k in EXPLAIN_FIELDS if k in body]
+    if asked and not dialect.explains:
+        raise DialectError(f"{asked[0]}: explanations come in the Jina shape only (POST /v1/rerank, /rerank, "
+                           f"/reranking, /v1/reranking with 'documents'); this request is read as {dialect.name}")
+
+
 def list_fields(body: dict) -> list[tuple[str, Any]]:
     """The arrays in a body that become pairs, to count them before validating each item."""
     out = []
@@ -191,4 +215,5 @@ def list_fields(body: dict) -> list[tuple[str, Any]]:
     return out
 
 
-__all__ = ["DIALECTS", "ROUTES", "Dialect", "DialectError", "Task", "describe_validation_error", "list_fields", "pick"]
+__all__ = ["DIALECTS", "ROUTES", "Dialect", "DialectError", "Task", "describe_validation_error", "list_fields", "pick",
+           "ranked", "refuse_explain"]

@@ -90,8 +90,10 @@ class InputLoader:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, task: Task, deadline: float) -> tuple[list[tuple[Any, Any]], list[Cost]]:
-        """The task's pairs with images as model-sized PIL images, and each pair's cost."""
+    async def prepare(self, task: Task, deadline: float
+                      ) -> tuple[list[tuple[Any, Any]], list[Cost], list[tuple[int, int] | None]]:
+        """The task's pairs with images as model-sized PIL images, each pair's cost, and the size (width,
+        height) of each pair's document image as sent (None for a text document), for explanations."""
         sides = _distinct_sides(task)
         # Each distinct source once: a request repeating one image decodes it once.
         images: dict[str, str] = {}
@@ -99,12 +101,14 @@ class InputLoader:
             if isinstance(x, ImageInput):
                 images.setdefault(x.image, where)
         by_source: dict[str, Image.Image] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         if images:
             heads = await self._run([(self._head, src, where) for src, where in images.items()], deadline)
             pixels = sum(w * h for _, _, (w, h) in heads)
             if pixels > self.settings.max_request_pixels:
                 raise RequestTooLarge(f"request's images have {pixels:,} pixels in all, over the limit of "
                                       f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
+            sizes = {src: size for src, (_, _, size) in zip(images, heads)}
             jobs = [(self._decode, data, name, where, size)
                     for (data, name, size), where in zip(heads, images.values())]
             del heads
@@ -128,7 +132,7 @@ class InputLoader:
                                   f"(text counted at {BYTES_PER_TOKEN} bytes a token, each prompt cut at "
                                   f"{self.settings.max_length}), over the limit of "
                                   f"{self.settings.max_request_tokens:,} (--max-request-tokens)")
-        return pairs, costs
+        return pairs, costs, [sizes.get(d.image) if isinstance(d, ImageInput) else None for _, d in task.pairs]
 
     async def _run(self, jobs: list[tuple], deadline: float) -> list:
         loop = asyncio.get_running_loop()

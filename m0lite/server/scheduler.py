@@ -11,6 +11,11 @@ thus runs a few pairs per pass, and a small request arriving meanwhile waits
 for at most the pass in hand. This is sound because a pair's score does not depend on the other pairs
 in its pass.
 
+A request's explanations (`explain`) take the same road: the pairs to explain are a job of their own
+kind, priced and taken into passes like any other, and the model thread hands a pass's explain items
+to `explain_fn` as it hands its score items to `score_fn`; so an explanation never races a score for
+the model, and a deadline or a disconnect drops the explanations not yet made.
+
 Overload, deadlines and disconnects never hang a request, nor waste the model:
 - a full queue refuses at once (`Overloaded`, with a Retry-After estimate);
 - a request whose deadline passes gets `DeadlineExceeded`, and one whose waiter
@@ -31,6 +36,8 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("m0lite.scheduler")
 
 ScoreFn = Callable[[list], tuple[Sequence[float], Sequence[int]]]
+ExplainFn = Callable[[list], Sequence[Any]]
+KINDS = ("score", "explain")
 
 
 class Overloaded(Exception):
@@ -55,22 +62,21 @@ class Cost:
 
 @dataclass(eq=False)
 class _Job:
+    kind: str  # one of KINDS: which function runs its pairs
     pairs: list
     costs: list[Cost]
     deadline: float  # time.monotonic()
     arrival: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    scores: list = field(init=False)
-    tokens: list = field(init=False)
+    results: list = field(init=False)  # per pair: (score, tokens), or its explanation
     next: int = 0  # pairs before it have been taken into a pass
     done: int = 0  # pairs scored
     starved: int = 0  # passes in a row that took none of its pairs
     failed: bool = False
 
     def __post_init__(self):
-        self.scores = [None] * len(self.pairs)
-        self.tokens = [None] * len(self.pairs)
+        self.results = [None] * len(self.pairs)
         # Cost of the pairs from k on, for shortest-first.
         self._left = [0] * (len(self.costs) + 1)
         for k in range(len(self.costs) - 1, -1, -1):
@@ -86,18 +92,20 @@ class _Job:
 
 
 class Scheduler:
-    """One model thread around `score_fn(pairs) -> (scores, token_counts)`.
+    """One model thread around `score_fn(pairs) -> (scores, token_counts)` and, for explanations,
+    `explain_fn(items) -> [explanation per item]`.
 
     `on_pass(pairs, tokens, patches, seconds)` and `on_drop(reason, pairs)` report to metrics;
     `on_idle()` runs on the model thread once the queue has emptied after work (to return memory),
     and again a moment later while it returns False (it deferred)."""
 
-    def __init__(self, score_fn: ScoreFn, *, max_queue: int = 64, max_pass_pairs: int = 16,
-                 max_pass_tokens: int = 8192, max_pass_patches: int = 8192, batch_wait_s: float = 0.002,
+    def __init__(self, score_fn: ScoreFn, *, explain_fn: ExplainFn | None = None, max_queue: int = 64,
+                 max_pass_pairs: int = 16, max_pass_tokens: int = 8192, max_pass_patches: int = 8192,
+                 batch_wait_s: float = 0.002,
                  on_pass: Callable | None = None, on_drop: Callable | None = None,
                  on_idle: Callable | None = None):
         assert max_queue >= 1 and max_pass_pairs >= 1 and max_pass_tokens >= 1 and max_pass_patches >= 1
-        self.score_fn = score_fn
+        self.score_fn, self.explain_fn = score_fn, explain_fn
         self.max_queue, self.max_pass_pairs = max_queue, max_pass_pairs
         self.max_pass_tokens, self.max_pass_patches = max_pass_tokens, max_pass_patches
         self.batch_wait_s = max(batch_wait_s, 0.0)
@@ -107,21 +115,31 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._seconds_per_pair = 0.05  # running estimate, for Retry-After
-        self.stats = {"passes": 0, "pairs": 0, "expired": 0, "cancelled": 0, "refused": 0}
+        self.stats = {"passes": 0, "pairs": 0, "explained": 0, "expired": 0, "cancelled": 0, "refused": 0}
 
     # -- request side (event loop) ------------------------------------------------
 
     async def score(self, pairs: list, deadline: float, costs: list[Cost] | None = None
                     ) -> tuple[list[float], list[int]]:
-        """Score `pairs`; raise Overloaded or DeadlineExceeded instead of hanging. Cancelling the
-        awaiting task (a disconnect) drops the request's remaining pairs."""
+        """Scores and token counts of `pairs`; see `_submit`."""
+        results = await self._submit("score", pairs, deadline, costs)
+        return [s for s, _ in results], [t for _, t in results]
+
+    async def explain(self, items: list, deadline: float, costs: list[Cost] | None = None) -> list:
+        """`explain_fn`'s explanation of each item; see `_submit`."""
+        assert self.explain_fn is not None, "this Scheduler was made without an explain_fn"
+        return await self._submit("explain", items, deadline, costs)
+
+    async def _submit(self, kind: str, pairs: list, deadline: float, costs: list[Cost] | None) -> list:
+        """Run `pairs` on the model thread; raise Overloaded or DeadlineExceeded instead of hanging.
+        Cancelling the awaiting task (a disconnect) drops the request's remaining pairs."""
         if self._stopping:
             raise Overloaded("server is shutting down", retry_after=5)
         self._ensure_started()
         loop = asyncio.get_running_loop()
         costs = costs if costs is not None else [Cost(1)] * len(pairs)
         assert len(costs) == len(pairs)
-        job = _Job(list(pairs), list(costs), deadline, time.monotonic(), loop, loop.create_future())
+        job = _Job(kind, list(pairs), list(costs), deadline, time.monotonic(), loop, loop.create_future())
         with self._cond:
             if sum(j.waiting for j in self._jobs) >= self.max_queue:
                 self.stats["refused"] += 1
@@ -275,48 +293,63 @@ class Scheduler:
         return work
 
     def _score(self, work: list[tuple[_Job, int]]) -> None:
+        """One pass: its score items in one call of score_fn, then its explain items in one of explain_fn."""
+        for kind in KINDS:
+            part = [(job, i) for job, i in work if job.kind == kind]
+            if part:
+                self._run_part(kind, part)
+        self.stats["passes"] += 1
+        with self._cond:
+            self._jobs = [j for j in self._jobs if not j.failed and j.done < len(j.pairs)]
+
+    def _run_part(self, kind: str, work: list[tuple[_Job, int]]) -> None:
         t0 = time.perf_counter()
         try:
-            results = self._call([job.pairs[i] for job, i in work])
+            results = self._call(kind, [job.pairs[i] for job, i in work])
         except Exception as e:
             if len({id(job) for job, _ in work}) == 1:
                 self._fail(work[0][0], e)
                 return
-            # One request's bad pair must not fail the others: score each request's part alone.
-            results = self._retry_per_job(work)
+            # One request's bad pair must not fail the others: run each request's part alone.
+            results = self._retry_per_job(kind, work)
         seconds = time.perf_counter() - t0
-        scored = 0
-        for (job, i), (score, tokens) in zip(work, results):
-            if score is None or job.failed:
+        done = 0
+        for (job, i), result in zip(work, results):
+            if result is None or job.failed:
                 continue
-            job.scores[i], job.tokens[i] = score, tokens
+            job.results[i] = result
             job.done += 1
-            scored += 1
+            done += 1
             job.pairs[i] = None  # the pair's inputs (a decoded image) are no longer needed
             if job.done == len(job.pairs):
-                self._deliver(job, (job.scores, job.tokens))
+                self._deliver(job, job.results)
+        if kind == "explain":
+            self.stats["explained"] += done
+            return
         self._seconds_per_pair = 0.8 * self._seconds_per_pair + 0.2 * seconds / len(work)
-        self.stats["passes"] += 1
-        self.stats["pairs"] += scored
+        self.stats["pairs"] += done
         if self.on_pass is not None:
-            self.on_pass(len(work), sum(t for s, t in results if s is not None),
+            self.on_pass(len(work), sum(r[1] for r in results if r is not None),
                          sum(job.costs[i].patches for job, i in work), seconds)
-        with self._cond:
-            self._jobs = [j for j in self._jobs if not j.failed and j.done < len(j.pairs)]
 
-    def _call(self, pairs: list) -> list[tuple[float, int]]:
+    def _call(self, kind: str, pairs: list) -> list:
+        if kind == "explain":
+            explanations = list(self.explain_fn(pairs))
+            if len(explanations) != len(pairs):
+                raise RuntimeError(f"explain_fn returned {len(explanations)} explanations for {len(pairs)} pairs")
+            return explanations
         scores, tokens = self.score_fn(pairs)
         if len(scores) != len(pairs) or len(tokens) != len(pairs):
             raise RuntimeError(f"score_fn returned {len(scores)} scores and {len(tokens)} token counts "
                                f"for {len(pairs)} pairs")
         return [(float(s), int(t)) for s, t in zip(scores, tokens)]
 
-    def _retry_per_job(self, work: list[tuple[_Job, int]]) -> list[tuple[Any, Any]]:
-        results: list[tuple[Any, Any]] = [(None, None)] * len(work)
+    def _retry_per_job(self, kind: str, work: list[tuple[_Job, int]]) -> list:
+        results: list = [None] * len(work)
         for job in {id(j): j for j, _ in work}.values():
             at = [k for k, (j, _) in enumerate(work) if j is job]
             try:
-                for k, r in zip(at, self._call([job.pairs[work[k][1]] for k in at])):
+                for k, r in zip(at, self._call(kind, [job.pairs[work[k][1]] for k in at])):
                     results[k] = r
             except Exception as e:
                 self._fail(job, e)

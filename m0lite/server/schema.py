@@ -2,8 +2,9 @@
 
 The main shape is Jina's (https://api.jina.ai/v1/rerank):
 
-    request   {model, query, documents, top_n?, return_documents?}
-    response  {id, model, usage: {total_tokens, prompt_tokens}, results: [{index, relevance_score, document?}]}
+    request   {model, query, documents, top_n?, return_documents?, explain?, explain_method?}
+    response  {id, model, usage: {total_tokens, prompt_tokens},
+               results: [{index, relevance_score, document?, explanation?}]}
 
 `query` and each document are a string (text), `{"text": ...}` or `{"image": src}`,
 where src is an http(s) URL, a data URI or bare base64; a document may also be both,
@@ -14,6 +15,7 @@ vLLM or Cohere APIs are accepted where they differ only in spelling:
 vLLM's `documents: {"content": [parts]}`, and unknown extra fields are ignored.
 The response has Jina's shape (with vLLM's `id`); an echoed document is `{"text": ...}` for a
 text document and `{"image": src}` (the source exactly as given) for an image, with its `text` if it has one.
+`explain` and `explain_method` are m0lite's own (`explanations.py`), in this shape only.
 
 The validators below write their own messages, each naming the offending field
 ("documents[3]: ..."), because pydantic's messages for a union of three shapes
@@ -25,6 +27,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
+
+EXPLAIN_METHODS = ("attention", "occlusion")  # m0lite.explain's; the first is the default (one pass a result)
 
 
 class HugeNumber:
@@ -157,6 +161,13 @@ def _bool(name: str):
 _parse_bool = _bool("return_documents")
 
 
+def _parse_method(value: Any) -> str:
+    if value not in EXPLAIN_METHODS:
+        got = repr(value) if isinstance(value, str) else json_type(value)
+        raise ValueError(f"explain_method: expected one of {', '.join(map(repr, EXPLAIN_METHODS))}, got {got}"[:200])
+    return value
+
+
 def _parse_model(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"model: expected a string, got {json_type(value)}")
@@ -179,8 +190,8 @@ def _model_field():
     return Field(None, description="Accepted for compatibility and otherwise ignored: the server scores with its one model.")
 
 
-class RerankRequest(BaseModel):
-    """POST /v1/rerank (Jina, vLLM, llama.cpp; Cohere's v1 differs only in return_documents' default)."""
+class RerankFields(BaseModel):
+    """What Jina's and Cohere's rerank requests share."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -196,7 +207,19 @@ class RerankRequest(BaseModel):
     )
 
 
-class CohereRerankRequest(RerankRequest):
+class RerankRequest(RerankFields):
+    """POST /v1/rerank (Jina, vLLM, llama.cpp), with m0lite's explanations of the results."""
+
+    explain: Annotated[bool, BeforeValidator(_bool("explain"))] = Field(
+        False, description="Give each result returned an 'explanation': Reranker.explain's attributions "
+                           "over its text tokens and image regions, the strongest of each kept (see README).")
+    explain_method: Annotated[Literal[EXPLAIN_METHODS], BeforeValidator(_parse_method)] = Field(
+        EXPLAIN_METHODS[0], description="'attention' (the score token's attention, one pass per result) or "
+                                        "'occlusion' (the score lost without each part, one pass per part; "
+                                        "for few, short documents: --max-occlusion-parts).")
+
+
+class CohereRerankRequest(RerankFields):
     """POST /v1/rerank from Cohere's SDK, and POST /v2/rerank: documents are not echoed unless asked."""
 
     return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
@@ -271,6 +294,9 @@ class RerankResult(BaseModel):
     index: int = Field(description="Position of the document in the request's list.")
     relevance_score: float = Field(description="sigmoid-normalised score in (0, 1); higher is more relevant.")
     document: TextInput | ImageInput | None = None
+    explanation: dict | None = Field(None, description=(
+        "With explain: {method, score, raw_score, text: [{token, start, end, score}], text_omitted, image: null "
+        "or {width, height, rows, cols, regions: [{row, col, box, score}], regions_omitted}}."))
 
 
 class RerankResponse(BaseModel):

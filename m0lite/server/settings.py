@@ -44,6 +44,12 @@ class ServerSettings:
     body_timeout: float = 30.0  # seconds for a client to send its whole body; then 408
     max_length: int = 10240  # prompt tokens per pair (the model's max_length)
     max_query_length: int = 512
+    # Explanations ("explain": true): each keeps its strongest text tokens and, apart, its strongest image
+    # regions, this many of each. Occlusion runs one decoder pass per part of each explained document, so
+    # a request may ask it for documents of about this many prompt tokens in all (the attention method
+    # costs one pass per document and needs no limit beyond --max-documents).
+    max_explanation_parts: int = 256
+    max_occlusion_parts: int = 1024
 
 
 def _positive(kind):
@@ -103,6 +109,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a client has to send its whole body; then 408")
     parser.add_argument("--max-length", type=pint, default=d.max_length, help="prompt tokens per pair")
     parser.add_argument("--max-query-length", type=pint, default=d.max_query_length, help="query tokens")
+    parser.add_argument("--max-explanation-parts", type=pint, default=d.max_explanation_parts,
+                        help="explain: text tokens, and image regions, kept per explanation (the strongest)")
+    parser.add_argument("--max-occlusion-parts", type=pint, default=d.max_occlusion_parts,
+                        help="explain_method occlusion: prompt tokens over the documents a request explains "
+                             "(one decoder pass per part; estimated before scoring)")
     parser.add_argument("--doc-cache-mb", type=float, default=0,
                         help="MiB of document keys/values kept to rescore known documents cheaply (0: off)")
     parser.add_argument("--vision-cache-mb", type=float, default=256, help="MiB of images' visual tokens kept")
