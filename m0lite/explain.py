@@ -5,7 +5,7 @@ number: each text token, with its (start, end) character offsets into the docume
 image region, one visual token of the merged grid (a 2x2 window of 14-pixel patches, 28x28 pixels of
 the resized image), with its pixel box in the original image.
 
-The two methods measure different things:
+The three methods measure different things:
 
 - "occlusion" measures what a part does to the score. A part's attribution is the raw score minus
   the raw score of the prompt without that part: a text token deleted from the prompt, a region's
@@ -17,6 +17,17 @@ The two methods measure different things:
 - "attention" measures where the score token looks: the attention probability of the score token
   (the prompt's last token) on each document token, averaged over heads and layers, from one
   forward pass. Non-negative; it does not say whether a token raises or lowers the score.
+- "contribution" measures, to first order, what a part adds to the score through the score token's
+  reading of it: the derivative of the raw score with respect to a bias added to the score token's
+  attention logit on that token, in every layer and head, every other token's hidden states held fixed.
+  That is, summed over layers and heads, the attention weight on the token times how far its value
+  lies from the head's attention output, along the gradient of the score at that output. Positive: the
+  part raises the score (taking the token out of the score token's view lowers it by about as much).
+  It leaves out what a token does through other tokens' states. It costs one forward pass (the keys and
+  values of the prompt before the score token, as occlusion's) and passes of the score token alone over
+  those keys and values: one for the score, one forward and backward for the derivatives. The backward
+  runs through the decoder's plain linears, so it needs a decoder that is not packed (pack_weights) nor
+  int8.
 
 A visual token already mixes in the rest of its image (the vision tower attends over the whole
 image), so a region's attribution is that of what the decoder reads at the region's place.
@@ -30,17 +41,20 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from .batching import Prepared, budget_groups
+from .decoder import DecoderLayer
 from .errors import InputError
 from .images import load_image, preprocess
 from .images.preprocess import FACTOR, PATCH_SIZE
+from .kernels import rms_norm_torch
 from .model import RaggedBatch
 from .prompt import (DOC_HEAD, IMAGE_PLACEHOLDER, QUERY_HEAD, Side, build_prompt, check_text, default_max_doc_length,
                      document_string, expand_images)
 from .rope import apply_rotary, mrope_positions
 
-METHODS = ("occlusion", "attention")
+METHODS = ("occlusion", "attention", "contribution")
 MAX_VARIANTS_PER_PASS = 64  # occluded prompts per decoder pass (each also bounded by the reranker's token budget)
 
 
@@ -208,6 +222,59 @@ def attention_weights(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     return raw, torch.stack(probs).mean(0)
 
 
+def score_path(model, token: int, position: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The raw score (a 0-d fp32 tensor) recomputed along the score token's own path: token `token` at
+    M-RoPE position `position` (3, 1) run through every layer over kv (layers, 2, T - 1, kv_heads,
+    head_dim), the keys and values of the T - 1 tokens before it, and its own, with `bias` (T,) added to
+    its attention logits in every layer and head. The layers' math written out in plain torch (the RMSNorm
+    twin, softmax attention as in last_token_attention), so that autograd runs through it on any device."""
+    dec = model.model
+    h, cos, sin, _, _ = model._inputs(RaggedBatch.of([[token]], [position], [[]]), None)  # (1, hidden), (1, hd)
+    for layer, (past_k, past_v) in zip(dec.layers, kv):
+        attn, norm, post = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+        x = rms_norm_torch(h, norm.weight, norm.eps)
+        q = apply_rotary(attn.q_proj(x).view(1, attn.n_heads, attn.head_dim), cos, sin)[0]  # (nh, hd)
+        k, v = attn.kv(x, cos, sin)
+        group = attn.n_heads // attn.n_kv_heads
+        k = torch.cat([past_k, k]).repeat_interleave(group, dim=1)  # (T, nh, hd)
+        v = torch.cat([past_v, v]).repeat_interleave(group, dim=1)
+        logits = torch.einsum("hd,thd->ht", q.float(), k.float()) * attn.head_dim**-0.5 + bias
+        mixed = torch.einsum("ht,thd->hd", logits.softmax(-1), v.float()).to(h.dtype)
+        h = h + attn.o_proj(mixed.reshape(1, -1))
+        h = h + layer.mlp(rms_norm_torch(h, post.weight, post.eps))
+    return model.score(rms_norm_torch(h, dec.norm.weight, dec.norm.eps)).float()[0, 0]
+
+
+def plain_decoder(decoder) -> bool:
+    """Whether every decoder layer runs decoder.py's math on nn.Linear weights, which autograd runs through
+    (not the packed or int8 forms of m0lite/transforms)."""
+    return all(isinstance(layer, DecoderLayer)
+               and all(isinstance(m, nn.Linear) for m in (*layer.self_attn.children(), *layer.mlp.children()))
+               for layer in decoder.layers)
+
+
+def contributions(rr, lay: Layout) -> tuple[float, torch.Tensor]:
+    """The raw score and the derivative (tokens,) of the raw score with respect to a bias on the score
+    token's attention logit on each token of the prompt, in every layer and head, with the other tokens'
+    keys and values held fixed: one forward pass for those keys and values, and the score token's path
+    (score_path) forward and backward. The derivatives sum to zero (a bias on every logit changes nothing)."""
+    model = rr.model
+    if not plain_decoder(model.model):
+        raise InputError("method 'contribution' runs a backward pass through the decoder's plain weights; this "
+                         "reranker's decoder is packed or int8: load it with pack_weights=False and without quantize")
+    visual = rr._visual_tokens(lay.images)
+    prefix = RaggedBatch.of([lay.ids[:-1]], [lay.positions[:, :-1]], [lay.grids])
+    # No rr._before_pass: packing the decoder now would take away the weights the backward pass needs.
+    # Not inference tensors: autograd saves these keys and values for the backward pass.
+    with torch.inference_mode(False), torch.no_grad():
+        kv = model.model.prefill(*model._inputs(prefix, visual))[0]  # (layers, 2, T - 1, kv_heads, head_dim)
+    raw = model(RaggedBatch.of([lay.ids[-1:]], [lay.positions[:, -1:]], [[]]), None, [kv]).item()
+    with torch.inference_mode(False), torch.enable_grad():
+        bias = torch.zeros(len(lay.ids), device=model.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(score_path(model, lay.ids[-1], lay.positions[:, -1:], kv, bias), bias)
+    return raw, grad
+
+
 def explain(rr, query, document, method: str = "occlusion", *, max_length: int = 10240,
             max_query_length: int = 512) -> dict:
     """The pair's scores and its document's attributions (see the module docstring for what each method
@@ -223,7 +290,7 @@ def explain(rr, query, document, method: str = "occlusion", *, max_length: int =
         raw, *rest = scores_without(rr, lay, removals)
         attributions = [raw - s for s in rest]
     else:
-        raw, weights = attention_weights(rr, lay)
+        raw, weights = (attention_weights if method == "attention" else contributions)(rr, lay)
         attributions = weights[lay.text_rows + lay.image_rows].tolist()
     text = [{"token": lay.text[s:e], "start": s, "end": e, "score": a}
             for (s, e), a in zip(lay.offsets, attributions[:n_text])]

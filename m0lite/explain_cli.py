@@ -17,7 +17,9 @@ def add_explain_command(sub) -> None:
     p.add_argument("--text", help="text that goes with an image DOC: the document is then the image and this text")
     p.add_argument("--method", choices=METHODS, default="occlusion",
                    help="occlusion: the score lost when each part is removed (one pass per part); attention: "
-                        "the score token's attention on each part (one pass) (default: occlusion)")
+                        "the score token's attention on each part (one pass); contribution: the derivative of the "
+                        "score with respect to that attention (one pass and a backward of the score token; not "
+                        "with --quantize) (default: occlusion)")
     p.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
     p.add_argument("--out", help="write a picture of it (PNG): a heatmap over the page, highlighted text")
     p.add_argument("--top", type=int, default=10, help="without --json: print the N strongest tokens and regions")

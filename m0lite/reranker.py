@@ -329,7 +329,9 @@ class Reranker:
         """Why `document` scores as it does for `query`: the raw and normalised score, and an attribution
         per document text token (with its character offsets) and per image region (with its box in the
         original image). method "occlusion": the score lost when that part is removed (one pass per
-        part); "attention": the score token's attention on it (one pass). See m0lite/explain.py."""
+        part); "attention": the score token's attention on it (one pass); "contribution": the derivative of
+        the score with respect to the score token's attention on it (one pass, then the score token's
+        forward and backward; needs a decoder neither packed nor int8). See m0lite/explain.py."""
         from .explain import explain
 
         return explain(self, query, document, method, max_length=max_length, max_query_length=max_query_length)

@@ -1,6 +1,6 @@
-"""Reranker.explain: occlusion attributions are the score changes they claim, the top-attributed parts
-matter more than random ones, the attention is the layers' own, and regions line up with the patch grid;
-the lean mode (int8) explains as fp32 does."""
+"""Reranker.explain: occlusion attributions are the score changes they claim, contributions the derivatives
+they claim, the top-attributed parts matter more than random ones, the attention is the layers' own, and
+regions line up with the patch grid; the lean mode (int8) explains as fp32 does."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from m0lite import InputError
-from m0lite.explain import attention_weights, last_token_attention, layout, scores_without
+from m0lite.explain import attention_weights, contributions, last_token_attention, layout, scores_without
 from m0lite.images import smart_resize
 
 QUERY = "slm markdown"
+METHODS = ("occlusion", "attention", "contribution")
 WORDS = ("markdown html model small language data extraction gold rush miners page table figure the of and "
          "to a is converts clean json tokens compact web content").split()
 
@@ -30,7 +31,7 @@ def sentence(rng, n):
 
 def test_result_shape_and_scores(tiny_reranker):
     text = "ReaderLM-v2 converts HTML to markdown, 数据提取."
-    for method in ("occlusion", "attention"):
+    for method in METHODS:
         for doc in (text, {"image": page(0), "text": text}):
             out = tiny_reranker.explain(QUERY, doc, method=method)
             raw = tiny_reranker.compute_score([QUERY, doc], normalize_scores=False)
@@ -134,7 +135,7 @@ def _region_drops(rr, method, rng, pages=12, k=3, draws=4):
     return np.array(top), np.array(rand)
 
 
-@pytest.mark.parametrize("method", ["occlusion", pytest.param("attention", marks=UNSIGNED)])
+@pytest.mark.parametrize("method", ["occlusion", pytest.param("attention", marks=UNSIGNED), "contribution"])
 def test_deleting_top_tokens_lowers_the_score_more_than_random(tiny_reranker, method):
     """Averaged over many pairs, deleting the k text tokens the method ranks highest lowers the raw score
     more than deleting k random ones."""
@@ -142,13 +143,13 @@ def test_deleting_top_tokens_lowers_the_score_more_than_random(tiny_reranker, me
     assert top.mean() > rand.mean(), (top.mean(), rand.mean())
 
 
-@pytest.mark.parametrize("method", ["occlusion", pytest.param("attention", marks=UNSIGNED)])
+@pytest.mark.parametrize("method", ["occlusion", pytest.param("attention", marks=UNSIGNED), "contribution"])
 def test_masking_top_regions_lowers_the_score_more_than_random(tiny_reranker, method):
     top, rand = _region_drops(tiny_reranker, method, random.Random(1))
     assert top.mean() > rand.mean(), (top.mean(), rand.mean())
 
 
-@pytest.mark.parametrize("method", ["occlusion", "attention"])
+@pytest.mark.parametrize("method", METHODS)
 def test_top_parts_move_the_score_more_than_random(tiny_reranker, method):
     """What an unsigned measure can claim: removing the top-ranked parts changes the raw score (either
     way) more than removing random ones, averaged over many pairs, for text tokens and for regions."""
@@ -190,6 +191,69 @@ def test_attention_is_the_layers_own(tiny_reranker):
             assert torch.allclose(attn.o_proj(mixed.to(x.dtype)), out, atol=1e-5)
 
 
+def _reference_raw_biased(ref, lay, row, bias):
+    """The transformers reference's raw score of the pair with `bias` added to the score token's (the last
+    row's) attention logits on prompt row `row`, in every layer and head: a 4D additive mask, causal
+    elsewhere."""
+    input_ids = torch.tensor([lay.ids])
+    mm, ones, grids, T = (input_ids == 151655).int(), torch.ones_like(input_ids), torch.tensor(lay.grids), len(lay.ids)
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    mask[-1, row] += bias
+    with torch.inference_mode():
+        inputs = ref.model.model.get_input_embeddings()(input_ids)
+        pixels = torch.cat([im.pixels for im in lay.images])
+        inputs[mm.bool()] = ref.model.model.visual(pixels, grid_thw=grids).pooler_output
+        pos, _ = ref.model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids, attention_mask=ones)
+        hidden = ref.model.model(inputs_embeds=inputs, position_ids=pos, attention_mask=mask[None, None],
+                                 use_cache=False).last_hidden_state
+        return ref.model.score(hidden[:, -1]).item()
+
+
+def test_contribution_is_the_derivative_of_the_references_score(tiny_reranker, tiny_reference):
+    """Each checked contribution equals the central difference of the reference's raw score when the score
+    token's attention logits on that token (text token or region), in every layer and head, are raised and
+    lowered by eps; over the whole prompt they sum to zero (a bias on every logit changes nothing)."""
+    doc = {"image": page(7, 120, 90), "text": "markdown tables and gold"}
+    out = tiny_reranker.explain(QUERY, doc, method="contribution")
+    lay = layout(tiny_reranker, QUERY, doc)
+    eps = 1e-2
+    checked = [(lay.text_rows[i], out["text"][i]["score"]) for i in (0, 2, len(lay.text_rows) - 1)]
+    checked += [(lay.image_rows[j], out["image"]["regions"][j]["score"]) for j in (0, 4, len(lay.image_rows) - 1)]
+    for row, score in checked:
+        up, down = (_reference_raw_biased(tiny_reference, lay, row, b) for b in (eps, -eps))
+        assert score == pytest.approx((up - down) / (2 * eps), abs=2e-4)
+    raw, grad = contributions(tiny_reranker, lay)
+    assert raw == pytest.approx(_reference_raw_biased(tiny_reference, lay, 0, 0.0), abs=1e-4)
+    assert grad.shape == (len(lay.ids),) and abs(grad.sum().item()) < 1e-5
+
+
+def test_contribution_in_bf16_and_with_image_queries(tiny_ckpt, tiny_reranker):
+    """In bf16 the contributions are fp32's within bf16 rounding, for a text, an image and an image-and-text
+    document and for an image query; the pass leaves no weight needing gradients, also under inference_mode."""
+    from m0lite import Reranker
+
+    bf16 = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=False)
+    text = "markdown tables and gold miners"
+    for query, doc in ((QUERY, text), (QUERY, page(8)), (QUERY, {"image": page(9), "text": text}), (page(10), text),
+                       (page(11), {"image": page(12), "text": text})):
+        ref = tiny_reranker.explain(query, doc, method="contribution")
+        with torch.inference_mode():
+            out = bf16.explain(query, doc, method="contribution")
+        parts = lambda o: [t["score"] for t in o["text"]] + [r["score"] for r in (o["image"] or {"regions": []})["regions"]]
+        a, b = np.array(parts(ref)), np.array(parts(out))
+        assert len(a) == len(b) > 0 and out["raw_score"] == pytest.approx(ref["raw_score"], abs=0.05)
+        assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3, np.abs(a - b).max()
+    assert not any(p.requires_grad for rr in (bf16, tiny_reranker) for p in rr.model.parameters())
+
+
+def test_contribution_needs_the_plain_decoder(tiny_ckpt):
+    from m0lite import Reranker
+
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", int8_compute="weight-only")
+    with pytest.raises(InputError, match="pack_weights=False and without quantize"):
+        rr.explain(QUERY, "markdown", method="contribution")
+
+
 @pytest.mark.parametrize("size", [(56, 56), (30, 40), (300, 120), (90, 400), (1000, 900), (123, 77)])
 def test_regions_cover_their_patch_windows(tiny_reranker, size):
     """Region (r, c) is the resized image's 28x28 window at rows 28r..28r+28, cols 28c..28c+28, scaled
@@ -216,7 +280,7 @@ def test_a_long_text_is_explained_as_the_prompt_holds_it(tiny_reranker):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda rr: rr.explain(QUERY, "doc", method="gradient"), "method must be one of occlusion, attention"),
+    (lambda rr: rr.explain(QUERY, "doc", method="gradient"), "method must be one of occlusion, attention, contribution"),
     (lambda rr: rr.explain(QUERY, 42), "document must be a str, an image or a dict"),
     (lambda rr: rr.explain(QUERY, {"txt": "a"}), "document: a dict must have"),
     (lambda rr: rr.explain("", "doc"), "query is empty"),
