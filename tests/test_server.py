@@ -493,7 +493,8 @@ BODY_CAP = 1 << 20
 def real_server(tiny_ckpt, tmp_path_factory):
     """`python -m m0lite.server` on the tiny checkpoint; yields its base URL; always killed."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    flags = ["--api-key", API_KEY, "--allow-private-urls", "--image-timeout", "1", "--max-body-bytes", str(BODY_CAP),
+    # --image-timeout: short for the hanging-URL test, long enough for a loopback fetch on a busy 2-core CI machine
+    flags = ["--api-key", API_KEY, "--allow-private-urls", "--image-timeout", "3", "--max-body-bytes", str(BODY_CAP),
              "--log-level", "warning",
              "--doc-cache-mb", "16"]  # repeated documents take the cached path; scores must not change
     with server_process(tiny_ckpt, log_path, *flags) as (url, _):
