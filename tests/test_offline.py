@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from m0lite.cli import main
+from m0lite.offline.data import read_pairs
 
 WORDS = ("gold rush markdown html parser river bank loan model data extraction small language page "
          "table chart invoice receipt tax law court ruling").split()
@@ -169,7 +170,8 @@ def pairs_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     page(1, 90, 70).save(root / "a.png")
     page(2, 50, 120).save(root / "b.png")
-    docs = [{"document": sentence(rng, 3, 50)} for _ in range(5)] + [{"document_image": "a.png"}, {"document_image": "b.png"}]
+    docs = [{"document": sentence(rng, 3, 50)} for _ in range(5)] + [{"document_image": "a.png"}, {"document_image": "b.png"},
+                                                                     {"document_image": "b.png", "document": "its caption"}]
     rows = []
     for i in range(40):
         row = {"query": sentence(rng, 2, 5), **rng.choice(docs)}
@@ -184,7 +186,8 @@ def pairs_file(tmp_path_factory):
 
 def as_input(row: dict, base: Path):
     if "document_image" in row:
-        return {"image": str(base / row["document_image"])}
+        image = {"image": str(base / row["document_image"])}
+        return {**image, "text": row["document"]} if "document" in row else image
     return row["document"]
 
 
@@ -209,6 +212,20 @@ def test_batch_scores_equal_compute_score(tiny_ckpt, tiny_reranker, pairs_file, 
         tiny_reranker.compute_score(pairs, normalize_scores=False), abs=1e-4)
 
 
+def test_pair_rows_take_documents_of_an_image_and_text(tmp_path):
+    rows = [{"query": "q", "document": {"image": "a.png", "text": "its caption"}},
+            {"query": "q", "document": "its caption", "document_image": "a.png"},
+            {"query": {"image": "a.png", "text": "t"}, "document": "d"},  # a query is text or an image
+            {"query": "q", "document": {"image": "a.png", "text": "t"}, "document_image": "b.png"}]
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page(1, 90, 70).save(tmp_path / "a.png")
+    pairs, bad = read_pairs(inp)
+    want = {"image": str((tmp_path / "a.png").resolve()), "text": "its caption"}
+    assert [p.document for p in pairs] == [want, want]
+    assert [b.line for b in bad] == [3, 4] and "'query' as an object" in bad[0].message
+
+
 def test_batch_parquet_in_and_out(tiny_ckpt, pairs_file, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -231,7 +248,7 @@ def test_batch_parquet_in_and_out(tiny_ckpt, pairs_file, tmp_path):
 def test_batch_bad_rows_fatal_or_skipped(tiny_ckpt, pairs_file, tmp_path, capsys):
     lines = pairs_file.read_text().splitlines()
     lines[4] = "{not json"
-    lines[9] = json.dumps({"query": "q", "document": "d", "document_image": "a.png"})
+    lines[9] = json.dumps({"query": "q", "query_image": "a.png", "document": "d"})
     lines[20] = json.dumps({"query": "q", "document_image": "no-such-page.png"})
     inp = tmp_path / "pairs.jsonl"
     inp.write_text("\n".join(lines) + "\n")
@@ -240,7 +257,7 @@ def test_batch_bad_rows_fatal_or_skipped(tiny_ckpt, pairs_file, tmp_path, capsys
     out = tmp_path / "s.jsonl"
     assert main(batch_args(tiny_ckpt, inp, out)) == 2
     err = capsys.readouterr().err
-    assert f"{inp}:5: not JSON" in err and f"{inp}:10: give exactly one of 'document' and 'document_image'" in err
+    assert f"{inp}:5: not JSON" in err and f"{inp}:10: give exactly one of 'query' and 'query_image'" in err
     assert "Traceback" not in err and not out.exists()
 
     lines[4] = lines[9] = lines[0]  # only the missing image is left; it is found when scoring

@@ -1,7 +1,7 @@
 """The offline jobs' files: BEIR folders, TREC runs and tables of (query, document) pairs.
 
 A query or document is handed on as the Reranker takes it: a str (text) or
-{"image": path_or_url}. Relative image paths are resolved against the folder
+{"image": path_or_url}, and a document also {"image": ..., "text": ...}. Relative image paths are resolved against the folder
 of the file that names them, so a job can be started from anywhere.
 
 Readers never drop a row silently: a row they cannot use becomes a `BadRow`
@@ -198,24 +198,28 @@ class Pair:
     document: object
 
 
-PAIR_FIELDS = "a row has 'query' or 'query_image', 'document' or 'document_image', and optionally 'id'"
+PAIR_FIELDS = ("a row has 'query' or 'query_image', 'document' or 'document_image' (both: a document of an "
+               "image and its text), and optionally 'id'")
 
 
 def _side(obj: dict, name: str, base: Path, allow_empty: bool):
+    """A row's query or document as the Reranker takes it. Only a document may hold an image and text
+    together (the prompt has no place for a query of both)."""
     text, image = obj.get(name), obj.get(f"{name}_image")
-    if isinstance(text, dict):  # {"text": ...} or {"image": ...}, as the Python API takes them
-        if set(text) == {"text"}:
-            text = text["text"]
-        elif set(text) == {"image"}:
-            text, image = None, text["image"]
-        else:
-            raise ValueError(f"'{name}' as an object must be {{'text': ...}} or {{'image': ...}}, got keys {sorted(text)}")
-    if (text is None) == (image is None):
+    both = name == "document"
+    if isinstance(text, dict):  # {"text": ...}, {"image": ...} (or, a document, both), as the Python API takes them
+        keys = set(text)
+        if not keys or keys - {"text", "image"} or (keys == {"text", "image"} and not both) or image is not None:
+            allowed = "{'text': ...}, {'image': ...}" + (" or both" if both else "")
+            raise ValueError(f"'{name}' as an object must be {allowed}, got keys {sorted(map(str, keys))}"
+                             + (f" and '{name}_image'" if image is not None else ""))
+        text, image = text.get("text"), text.get("image")
+    if text is None and image is None or (text is not None and image is not None and not both):
         raise ValueError(f"give exactly one of '{name}' and '{name}_image' ({PAIR_FIELDS})")
-    if image is not None:
-        return {"image": image_source(image, base)}
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise ValueError(f"'{name}' must be a string, got {type(text).__name__}")
+    if image is not None:
+        return {"image": image_source(image, base)} if text is None else {"image": image_source(image, base), "text": text}
     if not allow_empty and not text.strip():
         raise ValueError(f"'{name}' is empty")
     return text

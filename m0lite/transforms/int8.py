@@ -95,12 +95,15 @@ class Int8Linear(EpilogueLinear):
         """"dynamic" once `prepack`ed, else "weight-only"."""
         return "weight-only" if self._packed is None else "dynamic"
 
-    def rewrite(self, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0) -> "Int8Linear":
+    def rewrite(self, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0,
+                mapped: list[tuple[int, int]] = ()) -> "Int8Linear":
         """In place: outputs in the order `rows`, weight and bias scaled (chunked.py's vision rewrites).
-        Exact on the int8 values: only the per-channel scales and the bias change."""
+        Exact on the int8 values: only the per-channel scales and the bias change. A reordered weight is a
+        copy: the pages of a memory-mapped original (inside `mapped`) are handed back."""
         if rows is not None:
             order = torch.tensor(rows, device=self.weight.device)
-            self.weight, self.weight_scale = self.weight[order], self.weight_scale[order]
+            weight, self.weight, self.weight_scale = self.weight, self.weight[order], self.weight_scale[order]
+            release_mapped_pages(weight, mapped)
             if self.bias is not None:
                 self.bias = nn.Parameter(self.bias[order], requires_grad=False)
         self.weight_scale = self.weight_scale * weight_scale
@@ -246,8 +249,9 @@ def prepare(tower: nn.Module, compute: str) -> None:
     call."""
     quantize(tower)
     if compute == "dynamic":
-        chunked.apply(tower, lambda lin, **rewrite: lin.rewrite(**rewrite) if isinstance(lin, Int8Linear) else lin)
         mapped = file_mappings()
+        chunked.apply(tower, lambda lin, **rewrite: lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear)
+                      else lin)
         for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
             for parent, names in SHARED_INPUTS:
                 module = getattr(layer, parent)
