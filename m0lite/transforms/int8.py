@@ -8,7 +8,8 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   on the fly with its own scale (max |x| -> 127), stored as uint8 around 128 for
   oneDNN's u8 x s8 kernels (AVX512-VNNI, AVX-VNNI, AMX-INT8), and the int32 products
   are scaled back by (row scale x channel scale). The weights are laid out for
-  oneDNN once.
+  oneDNN once; a decoder layer's linears that read one input (q, k and v; gate and
+  up) are laid out side by side as one matmul (`SharedInput`).
 - "weight-only": the int8 weight is expanded to the activations' dtype inside each
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
   devices without oneDNN's int8 kernels (CUDA).
@@ -245,7 +246,7 @@ def resolve_compute(compute: str, device: torch.device) -> str:
 def prepare(tower: nn.Module, compute: str) -> None:
     """Quantise a tower (if its checkpoint was not) and make it ready to run. "dynamic": its blocks in the
     chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales), then
-    every weight laid out for oneDNN. "weight-only": the plain blocks, each linear expanding its weight per
+    every weight laid out for oneDNN, the decoder's SHARED_INPUTS as one matmul each. "weight-only": the plain blocks, each linear expanding its weight per
     call."""
     quantize(tower)
     if compute == "dynamic":
