@@ -101,6 +101,8 @@ def test_only_returned_results_are_explained_each_alone_and_scores_do_not_change
         assert [(x["index"], x["relevance_score"]) for x in results] == [(x["index"], x["relevance_score"]) for x in plain[:2]]
         assert len(rec.calls) == 2 and all("explanation" in x for x in results)
         assert per_pass == [1, 1]  # an explanation makes its own model passes: it takes a scheduler pass alone
+        metrics = c.get("/metrics").text
+        assert "m0lite_explanations_total 2.0" in metrics and "m0lite_explain_seconds_total" in metrics
         # return_documents and explain together
         r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs, "explain": True, "top_n": 1,
                                        "return_documents": False})

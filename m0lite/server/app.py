@@ -86,7 +86,7 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
                           max_pass_pairs=settings.max_batch_pairs,
                           max_pass_tokens=settings.max_pass_tokens, max_pass_patches=settings.max_pass_patches,
                           batch_wait_s=settings.batch_wait_ms / 1000, on_pass=metrics.on_pass,
-                          on_drop=metrics.on_drop, on_idle=Trimmer())
+                          on_explain=metrics.on_explain, on_drop=metrics.on_drop, on_idle=Trimmer())
     metrics.watch(scheduler)
     # Images are resized at load with the reranker's own bounds, so its preprocess resizes nothing.
     loader = InputLoader(settings, min_pixels=getattr(reranker, "min_pixels", MIN_PIXELS),

@@ -37,6 +37,8 @@ class Metrics:
         self.patches = Counter("m0lite_patches_scored", "Image patches in the pairs scored", registry=r)
         self.dropped = Counter("m0lite_pairs_dropped", "Pairs never scored: their request expired or was "
                                "abandoned by its client", ["reason"], registry=r)
+        self.explained = Counter("m0lite_explanations", "Results explained (\"explain\": true)", registry=r)
+        self.explain_seconds = Counter("m0lite_explain_seconds", "Model time spent on explanations", registry=r)
         self.images = Counter("m0lite_images_loaded", "Images fetched or decoded", registry=r)
         self.image_pixels = Counter("m0lite_image_pixels_decoded", "Pixels decoded (full size)", registry=r)
         self.image_bytes_held = Gauge("m0lite_image_memory_bytes", "Estimated bytes of images being decoded now",
@@ -58,6 +60,10 @@ class Metrics:
         self.pairs.inc(pairs)
         self.tokens.inc(tokens)
         self.patches.inc(patches)
+
+    def on_explain(self, explanations: int, seconds: float) -> None:
+        self.explained.inc(explanations)
+        self.explain_seconds.inc(seconds)
 
     def on_drop(self, reason: str, pairs: int) -> None:
         self.dropped.labels(reason).inc(pairs)

@@ -95,21 +95,22 @@ class Scheduler:
     """One model thread around `score_fn(pairs) -> (scores, token_counts)` and, for explanations,
     `explain_fn(items) -> [explanation per item]`.
 
-    `on_pass(pairs, tokens, patches, seconds)` and `on_drop(reason, pairs)` report to metrics;
+    `on_pass(pairs, tokens, patches, seconds)`, `on_explain(explanations, seconds)` and
+    `on_drop(reason, pairs)` report to metrics;
     `on_idle()` runs on the model thread once the queue has emptied after work (to return memory),
     and again a moment later while it returns False (it deferred)."""
 
     def __init__(self, score_fn: ScoreFn, *, explain_fn: ExplainFn | None = None, max_queue: int = 64,
                  max_pass_pairs: int = 16, max_pass_tokens: int = 8192, max_pass_patches: int = 8192,
                  batch_wait_s: float = 0.002,
-                 on_pass: Callable | None = None, on_drop: Callable | None = None,
-                 on_idle: Callable | None = None):
+                 on_pass: Callable | None = None, on_explain: Callable | None = None,
+                 on_drop: Callable | None = None, on_idle: Callable | None = None):
         assert max_queue >= 1 and max_pass_pairs >= 1 and max_pass_tokens >= 1 and max_pass_patches >= 1
         self.score_fn, self.explain_fn = score_fn, explain_fn
         self.max_queue, self.max_pass_pairs = max_queue, max_pass_pairs
         self.max_pass_tokens, self.max_pass_patches = max_pass_tokens, max_pass_patches
         self.batch_wait_s = max(batch_wait_s, 0.0)
-        self.on_pass, self.on_drop, self.on_idle = on_pass, on_drop, on_idle
+        self.on_pass, self.on_explain, self.on_drop, self.on_idle = on_pass, on_explain, on_drop, on_idle
         self._jobs: list[_Job] = []  # every request with pairs not yet delivered
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -325,6 +326,8 @@ class Scheduler:
                 self._deliver(job, job.results)
         if kind == "explain":
             self.stats["explained"] += done
+            if self.on_explain is not None:
+                self.on_explain(done, seconds)
             return
         self._seconds_per_pair = 0.8 * self._seconds_per_pair + 0.2 * seconds / len(work)
         self.stats["pairs"] += done
