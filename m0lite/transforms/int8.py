@@ -77,8 +77,7 @@ class Int8Linear(EpilogueLinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._packed = None  # "dynamic": the weight in oneDNN's layout, or the SharedInput that holds it
-        self._zero_points = None
+        self._packed = None  # "dynamic": the SharedInput that holds the weight in oneDNN's layout
 
     @classmethod
     def quantized(cls, lin: nn.Linear) -> "Int8Linear":
@@ -114,36 +113,31 @@ class Int8Linear(EpilogueLinear):
 
     def prepack(self, mapped: list[tuple[int, int]]) -> None:
         """Lay the weight out for oneDNN's int8 kernels and drop the plain copy (for "dynamic")."""
-        self._packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
-        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        release_mapped_pages(self.weight, mapped)
-        self.weight = None
+        SharedInput([self], mapped)
 
     def forward(self, x):
         if self._packed is None:  # weight-only
             w = self.weight.to(x.dtype).mul_(self.weight_scale.to(x.dtype)[:, None])
             return F.linear(x, w, self.bias)
         shape = x.shape
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if isinstance(self._packed, SharedInput):
-            y = self._packed.output(x2, self)
-        else:
-            y = int8_matmul(x2, self._packed, self.weight_scale, self._zero_points, self.bias)
+        y = self._packed.output(x if x.dim() == 2 else x.reshape(-1, self.in_features), self)
         return y.view(*shape[:-1], self.out_features)
 
 
 class SharedInput:
-    """Int8 linears that read the same input, one after another, in a fast form (q, k and v; gate and up):
-    laid out as one matmul, their weights side by side, so that the input is quantised once and the narrow
-    k and v run inside q's matmul. A member's call computes every member's output and keeps it, on this
-    thread, for the others' calls on the same input tensor; each member's part is handed out once (its
-    epilogue may write to it), a second call computes afresh. Sound because no caller changes an input
-    in place between two projections of it (inference tensors keep no version counter to check)."""
+    """The weights of one int8 linear laid out for oneDNN, or of several that read the same input one after
+    another in a fast form (q, k and v; gate and up) laid out side by side as one matmul, so that the input
+    is quantised once and the narrow k and v run inside q's matmul. A member's call computes every member's
+    output and keeps it, on this thread, for the others' calls on the same input tensor; each member's part
+    is handed out once (its epilogue may write to it), a second call computes afresh. Sound because no
+    caller changes an input in place between two projections of it (inference tensors keep no version
+    counter to check)."""
 
     def __init__(self, members: list[Int8Linear], mapped: list[tuple[int, int]]):
         if len({m.bias is None for m in members}) != 1 or len({m.in_features for m in members}) != 1:
             raise ValueError("SharedInput: members must have the same input size and all or none a bias")
-        self.packed = torch.ops.onednn.qlinear_prepack(torch.cat([m.weight for m in members]), None)
+        weight = members[0].weight if len(members) == 1 else torch.cat([m.weight for m in members])  # no copy of one
+        self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
         self.weight_scale = torch.cat([m.weight_scale for m in members])
         self.zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
         self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
@@ -246,13 +240,13 @@ def resolve_compute(compute: str, device: torch.device) -> str:
 def prepare(tower: nn.Module, compute: str) -> None:
     """Quantise a tower (if its checkpoint was not) and make it ready to run. "dynamic": its blocks in the
     chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales), then
-    every weight laid out for oneDNN, the decoder's SHARED_INPUTS as one matmul each. "weight-only": the plain blocks, each linear expanding its weight per
-    call."""
+    every weight laid out for oneDNN, the decoder's SHARED_INPUTS as one matmul each. "weight-only": the
+    plain blocks, each linear expanding its weight per call."""
     quantize(tower)
     if compute == "dynamic":
         mapped = file_mappings()
-        chunked.apply(tower, lambda lin, **rewrite: lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear)
-                      else lin)
+        chunked.apply(tower, lambda lin, **rewrite:
+                      lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin)
         for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
             for parent, names in SHARED_INPUTS:
                 module = getattr(layer, parent)
