@@ -1,8 +1,9 @@
 """The offline jobs' files: BEIR folders, TREC runs and tables of (query, document) pairs.
 
 A query or document is handed on as the Reranker takes it: a str (text) or
-{"image": path_or_url}, and a document also {"image": ..., "text": ...}. Relative image paths are resolved against the folder
-of the file that names them, so a job can be started from anywhere.
+{"image": path_or_url}, and a document also {"image": ..., "text": ...}. Relative
+image paths are resolved against the folder of the file that names them, so a job
+can be started from anywhere.
 
 Readers never drop a row silently: a row they cannot use becomes a `BadRow`
 naming its file and line, and the caller decides whether that is fatal.
@@ -54,6 +55,20 @@ def _text_lines(path: Path):
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield n, line.rstrip("\n")
+
+
+def _columns(path: Path, sep: str | None, count: int, expected: str, bad: list[BadRow], header: str | None = None):
+    """(line number, columns) of each line of a table file split by `sep` that has `count` columns; a line
+    with another count becomes a BadRow ("expected {expected}"). A first line whose first column is
+    `header` is skipped."""
+    for n, line in _text_lines(path):
+        cols = line.split(sep)
+        if n == 1 and header is not None and cols[0] == header:
+            continue
+        if len(cols) != count:
+            bad.append(BadRow(f"{path}:{n}", f"expected {expected}, got {len(cols)}"))
+            continue
+        yield n, cols
 
 
 def _json_lines(path: Path):
@@ -114,13 +129,8 @@ def _beir_rows(path: Path, wanted: set | None, bad: list[BadRow]) -> dict:
 def read_qrels(path: Path) -> tuple[dict, list[BadRow]]:
     """BEIR's qrels/SPLIT.tsv (query-id, corpus-id, score; a header line) -> {qid: {docid: grade}}."""
     qrels, bad = {}, []
-    for n, line in _text_lines(path):
-        cols = line.split("\t")
-        if n == 1 and cols[0] == "query-id":
-            continue
-        if len(cols) != 3:
-            bad.append(BadRow(f"{path}:{n}", f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"))
-            continue
+    expected = "3 tab-separated columns (query-id, corpus-id, score)"
+    for n, cols in _columns(path, "\t", 3, expected, bad, header="query-id"):
         try:
             grade = int(cols[2])
         except ValueError:
@@ -158,11 +168,7 @@ def read_run(path: Path) -> tuple[dict[str, list[Candidate]], list[BadRow]]:
     appearance, each query's candidates best first (by score; ties keep the file's order)."""
     run: dict[str, list[Candidate]] = {}
     seen, bad = set(), []
-    for n, line in _text_lines(path):
-        cols = line.split()
-        if len(cols) != 6:
-            bad.append(BadRow(f"{path}:{n}", f"expected 6 columns (qid Q0 docid rank score tag), got {len(cols)}"))
-            continue
+    for n, cols in _columns(path, None, 6, "6 columns (qid Q0 docid rank score tag)", bad):
         try:
             score = float(cols[4])
         except ValueError:
@@ -214,12 +220,13 @@ def _side(obj: dict, name: str, base: Path, allow_empty: bool):
             raise ValueError(f"'{name}' as an object must be {allowed}, got keys {sorted(map(str, keys))}"
                              + (f" and '{name}_image'" if image is not None else ""))
         text, image = text.get("text"), text.get("image")
-    if text is None and image is None or (text is not None and image is not None and not both):
+    if (text is None and image is None) or (text is not None and image is not None and not both):
         raise ValueError(f"give exactly one of '{name}' and '{name}_image' ({PAIR_FIELDS})")
     if text is not None and not isinstance(text, str):
         raise ValueError(f"'{name}' must be a string, got {type(text).__name__}")
     if image is not None:
-        return {"image": image_source(image, base)} if text is None else {"image": image_source(image, base), "text": text}
+        doc = {"image": image_source(image, base)}
+        return doc if text is None else {**doc, "text": text}
     if not allow_empty and not text.strip():
         raise ValueError(f"'{name}' is empty")
     return text
