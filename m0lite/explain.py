@@ -195,9 +195,14 @@ def last_token_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     h = layer.input_layernorm(x)
     q = apply_rotary(attn.q_proj(h[-1:]).view(1, attn.n_heads, attn.head_dim), cos[-1:], sin[-1:])[0]  # (nh, hd)
     k, _ = attn.kv(h, cos, sin)  # (T, nkv, hd)
+    return score_token_logits(attn, q, k).softmax(-1)
+
+
+def score_token_logits(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Attention logits (heads, T) in fp32 of one token's queries q (heads, head_dim) over keys k (T, kv_heads,
+    head_dim); GQA: query head j reads key head j // (heads / kv_heads)."""
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (T, nh, hd)
-    logits = torch.einsum("hd,thd->ht", q.float(), k.float()) * attn.head_dim**-0.5
-    return logits.softmax(-1)
+    return torch.einsum("hd,thd->ht", q.float(), k.float()) * attn.head_dim**-0.5
 
 
 @torch.inference_mode()
@@ -235,10 +240,8 @@ def score_path(model, token: int, position: torch.Tensor, kv: torch.Tensor, bias
         x = rms_norm_torch(h, norm.weight, norm.eps)
         q = apply_rotary(attn.q_proj(x).view(1, attn.n_heads, attn.head_dim), cos, sin)[0]  # (nh, hd)
         k, v = attn.kv(x, cos, sin)
-        group = attn.n_heads // attn.n_kv_heads
-        k = torch.cat([past_k, k]).repeat_interleave(group, dim=1)  # (T, nh, hd)
-        v = torch.cat([past_v, v]).repeat_interleave(group, dim=1)
-        logits = torch.einsum("hd,thd->ht", q.float(), k.float()) * attn.head_dim**-0.5 + bias
+        logits = score_token_logits(attn, q, torch.cat([past_k, k])) + bias
+        v = torch.cat([past_v, v]).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (T, nh, hd)
         mixed = torch.einsum("ht,thd->hd", logits.softmax(-1), v.float()).to(h.dtype)
         h = h + attn.o_proj(mixed.reshape(1, -1))
         h = h + layer.mlp(rms_norm_torch(h, post.weight, post.eps))
