@@ -118,6 +118,37 @@ def test_shared_input_matmul_equals_each_linear(bias):
     assert torch.equal(shared[1](x[:7]), want[1][:7])
 
 
+@pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_in_the_matmul_is_the_sum(dtype, bias):
+    torch.manual_seed(0)
+    lin = int8.Int8Linear.quantized(torch.nn.Linear(64, 48, bias=bias).to(dtype))
+    lin.prepack([])
+    x, other = torch.randn(40, 64).to(dtype), torch.randn(40, 48).to(dtype)
+    want = lin(x).float() + other.float()
+    got = lin.add(x, other)
+    # One rounding of the sum instead of two: within one step of the model dtype.
+    step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22
+    assert got.dtype == dtype and ((got.float() - want).abs() <= step * want.abs().clamp_min(1)).all()
+
+
+def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
+    """The lean mode's stated trade (transforms/chunked.py): its vision blocks attend over scores materialized
+    in the model dtype; the exact mode keeps the flash kernel's fp32 scores."""
+    if not HAS_ONEDNN_INT8:
+        pytest.skip("no oneDNN int8 kernels in this torch build")
+    from m0lite import kernels
+    from m0lite.transforms.chunked import materialized_attention
+
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", int8_compute="dynamic")
+    rr.pack()
+    assert all(block.attention is materialized_attention for block in rr.model.visual.blocks)
+    exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True)
+    if exact.pack():  # bf16 packing needs native bf16 on this CPU
+        assert all(block.attention is kernels.attention for block in exact.model.visual.blocks)
+
+
 def test_round_trip_is_bit_identical(tiny_ckpt, quantized_ckpt, tmp_path):
     pairs = [[QUERY, d] for d in DOCS]
     at_load = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8")

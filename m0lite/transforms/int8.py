@@ -61,13 +61,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(torch.uint8).bitwise_xor_(128), scale
 
 
-def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias) -> torch.Tensor:
-    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8, in x's dtype."""
+def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residual=None) -> torch.Tensor:
+    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8, in x's dtype;
+    plus `residual` (rows, out) if given."""
     xq, row_scale = quantize_rows(x)
     y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, weight_scale, zero_points,
                                            None, 1.0, 0, x.dtype, "none", [], "")
-    y = y.mul_(row_scale.to(y.dtype))  # in y's dtype (see quantize_rows): the scale rounded once
-    return y if bias is None else y.add_(bias)
+    # The row scale, in y's dtype (see quantize_rows), and the first addend in one pass (addcmul computes in
+    # fp32 and rounds once); oneDNN cannot add the bias itself, as it comes after the row scale.
+    row_scale = row_scale.to(y.dtype)
+    if residual is not None:
+        torch.addcmul(residual, y, row_scale, out=y)
+        return y if bias is None else y.add_(bias)
+    return y.mul_(row_scale) if bias is None else torch.addcmul(bias, y, row_scale, out=y)
 
 
 class Int8Linear(EpilogueLinear):
@@ -122,6 +128,14 @@ class Int8Linear(EpilogueLinear):
         shape = x.shape
         y = self._packed.output(x if x.dim() == 2 else x.reshape(-1, self.in_features), self)
         return y.view(*shape[:-1], self.out_features)
+
+    def add(self, x, other):
+        """(x W^T + b) + other, the residual added in the pass that scales the rows (a lone linear's
+        SharedInput, on the fast forms' 2-D chunks)."""
+        packed = self._packed
+        if packed is None or len(packed.spans) > 1 or x.dim() != 2:
+            return super().add(x, other)
+        return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other)
 
 
 class SharedInput:
@@ -246,7 +260,8 @@ def prepare(tower: nn.Module, compute: str) -> None:
     if compute == "dynamic":
         mapped = file_mappings()
         chunked.apply(tower, lambda lin, **rewrite:
-                      lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin)
+                      lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
+                      vision_attention=chunked.materialized_attention)
         for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
             for parent, names in SHARED_INPUTS:
                 module = getattr(layer, parent)
