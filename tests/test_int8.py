@@ -149,6 +149,19 @@ def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
         assert all(block.attention is kernels.attention for block in exact.model.visual.blocks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_quantise_within_127_without_a_clamp(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4000, 96).mul(torch.rand(4000, 1) * 50).to(dtype)
+    x[0], x[1, :5] = 0, torch.tensor([1e-20, 3.0, -7.5, 2.0**-100, 0])  # a zero row; a row of tiny values
+    codes, scale = int8.quantize_rows(x)
+    c = codes.view(torch.int8).bitwise_xor(-128).int()  # the signed codes back
+    assert c.abs().max() == 127 and (c.abs().amax(1)[2:] >= 125).all()  # never past 127, the range used
+    assert c[0].eq(0).all() and torch.isfinite(scale).all()
+    # Within three quarters of a step of x (see quantize_rows: bf16 rounds x * multiplier first).
+    assert ((c.float() * scale - x.float()).abs() <= 0.75 * scale + 1e-30).all()
+
+
 def test_round_trip_is_bit_identical(tiny_ckpt, quantized_ckpt, tmp_path):
     pairs = [[QUERY, d] for d in DOCS]
     at_load = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8")
