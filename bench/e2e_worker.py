@@ -151,7 +151,7 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
         def score(pairs, qt, dt):
             return rr.compute_score(pairs, query_type=qt, doc_type=dt)
 
-        if int8:  # the towers' int8 layers take this form before their first pass (see Reranker.packed)
+        if int8:  # the compute the reranker resolved (a tower's layers take it before the tower's first pass)
             desc = f"m0lite compute_score, quantize='int8' (int8_compute {rr.int8_compute})"
         score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
         return score, desc

@@ -54,9 +54,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Each step in x's dtype: torch's CPU kernels that mix bf16 and fp32 operands, or cast to uint8, are
     # several times slower. The multiplier is 127 / max |x| less a bf16 half-step, so that rounded into x's
     # dtype it is still at most 127 / max |x|: no |x * multiplier| exceeds 127, even rounded, and no clamp
-    # is needed. The scale returned is the exact inverse of the multiplier used. In bf16 x * multiplier is rounded twice (to bf16, then to an integer): at most 0.75 of a
-    # code off instead of 0.5, and only for |code| >= 64, where bf16's spacing is 0.5. The codes are in
-    # -127..127, so c + 128 as uint8 is c's int8 bit pattern with the top bit flipped.
+    # is needed. The scale returned is the exact inverse of the multiplier used. In bf16 x * multiplier is
+    # rounded twice (to bf16, then to an integer): at most 0.75 of a code off instead of 0.5, and only for
+    # |code| >= 64, where bf16's spacing is 0.5. The codes are in -127..127, so c + 128 as uint8 is c's
+    # int8 bit pattern with the top bit flipped.
     amax = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30)
     multiplier = amax.reciprocal_().mul_(127 * (1 - 2**-8)).clamp_max_(torch.finfo(x.dtype).max).to(x.dtype)  # <= 127 / max |x|
     codes = torch.mul(x, multiplier).round_().to(torch.int8)
