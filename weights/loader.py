@@ -67,6 +67,11 @@ def is_quantized_checkpoint(folder: Path) -> bool:
     if not isinstance(q, dict) or {k: q.get(k) for k in ("quant_method", "weights")} != {"quant_method": "m0lite", "weights": "int8"}:
         raise WeightsError(f"{folder / 'config.json'}: quantization_config {q!r} is not one m0lite reads "
                            f"(expected quant_method 'm0lite', weights 'int8')")
+    differ = sorted(k for k in {*q, *int8.QUANT_CONFIG} if q.get(k) != int8.QUANT_CONFIG.get(k))
+    if differ:  # the same format, another layout of its weights (an earlier m0lite's, without rotated inputs)
+        raise WeightsError(f"{folder / 'config.json'}: quantization_config differs from this m0lite's in "
+                           f"{', '.join(differ)}: {', '.join(f'{k}={q.get(k)!r}, expected {int8.QUANT_CONFIG.get(k)!r}' for k in differ)}; "
+                           f"quantise the bf16 checkpoint again (m0lite quantize)")
     return True
 
 

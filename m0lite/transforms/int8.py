@@ -14,11 +14,24 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
   devices without oneDNN's int8 kernels (CUDA).
 
+Two linears, the MLPs' second (`ROTATED`), quantise a rotated input. Their input is an
+activation's output, the SwiGLU product in the decoder (heavy-tailed: max |x| is 12x the
+rms of a row, 3.6x after a norm) and QuickGELU's in the vision tower (off-centre), so one
+row's scale, set by its largest |x|, leaves the others few codes; in the decoder this
+error was 3x any other linear's. Each block of ROTATION_BLOCK input features is turned by
+R = diag(signs) H, H the Sylvester-Hadamard matrix (H H^T = B I), which spreads a large
+feature and a common offset over the block. y = (x R)(W R / B)^T = x W^T: the weight
+is stored rotated (W R / B, in fp32, then quantised) and only x R runs per call, a
+matmul by a (B, B) matrix of +-1, exact in bf16, that costs 4% of the linear's.
+(QuaRot and SpinQuant rotate all inputs alike; the others here gain nothing measurable.)
+
 The token embeddings are int8 too, with one scale per token (`Int8Embedding`): a
 lookup expands only the rows a batch reads. What stays in the model's dtype, and
 why: the norms, the score head (two small matmuls over one token per pair, which
-set the score directly) and the patch embedding (a Conv3d in the checkpoint over
-raw pixels; 0.1% of the weights).
+set the score directly), the patch embedding (a Conv3d in the checkpoint over
+raw pixels; 0.1% of the weights) and the patch merger (1.4% of the weights, 1% of
+a page's time in bf16; after the last block, its error reaches the visual tokens
+undamped: in int8 it was a quarter of their error's variance).
 
 A checkpoint written by `m0lite quantize` (weights/quantized.py) stores each quantised
 linear's `weight` as int8 and its `weight_scale` beside it, and says so in
@@ -28,6 +41,8 @@ checks every tensor as strictly as any other.
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 
 import torch
@@ -39,8 +54,13 @@ from . import chunked
 from .epilogue import EpilogueLinear
 from .onednn import cpu_flags, file_mappings, release_mapped_pages
 
+# The linears whose input is rotated (see the module docstring), by name in their MLP; R's block size and the
+# bits of its signs (bit i set: row i negated), a fixed pattern that is no row of H.
+ROTATED, ROTATION_BLOCK, ROTATION_SIGNS = ("down_proj", "fc2"), 32, 0x6A09E667
 QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetric, per output channel",
-                "scale_suffix": "weight_scale"}
+                "scale_suffix": "weight_scale",
+                "rotated_inputs": {"linears": list(ROTATED), "block": ROTATION_BLOCK, "signs": hex(ROTATION_SIGNS),
+                                   "weights": "W R / block, R = diag(signs) Hadamard(block)"}}
 COMPUTE = ("dynamic", "weight-only")
 # CPU flags of int8 matmul units that oneDNN's u8 x s8 kernels use.
 INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
@@ -64,6 +84,23 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(torch.uint8).bitwise_xor_(128), multiplier.float().reciprocal_()
 
 
+@functools.cache
+def rotation(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R = diag(signs) H (block, block) for a power of two `block`: entries +-1, R R^T = block I."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    signs = torch.tensor([-1.0 if ROTATION_SIGNS >> i & 1 else 1.0 for i in range(block)])
+    return (signs[:, None] * h).to(dtype=dtype, device=device)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) -> x R over each block of input features (ROTATED): the largest power of two that divides
+    both ROTATION_BLOCK and `in` (32 for every size of the published model)."""
+    block = math.gcd(ROTATION_BLOCK, x.shape[-1])
+    return torch.matmul(x.reshape(-1, block), rotation(block, x.dtype, x.device)).view(x.shape)
+
+
 def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residual=None) -> torch.Tensor:
     """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8, in x's dtype;
     plus `residual` (rows, out) if given."""
@@ -80,20 +117,24 @@ def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residu
 
 
 class Int8Linear(EpilogueLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
+                 rotated: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.rotated = rotated  # the weight is W R / block, and x R is what it multiplies (ROTATED)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._packed = None  # "dynamic": the SharedInput that holds the weight in oneDNN's layout
 
     @classmethod
-    def quantized(cls, lin: nn.Linear) -> "Int8Linear":
-        w = lin.weight.detach()  # (out, in)
-        scale = w.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
-        q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device)
-        q.weight = w.float().div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    def quantized(cls, lin: nn.Linear, rotated: bool = False) -> "Int8Linear":
+        w = lin.weight.detach().to(torch.float32, copy=True)  # (out, in); divided in place below
+        if rotated:  # W R / block: x R times it is x W^T
+            w = rotate(w).div_(math.gcd(ROTATION_BLOCK, lin.in_features))
+        scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device, rotated)
+        q.weight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         q.weight_scale = scale
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
@@ -125,6 +166,7 @@ class Int8Linear(EpilogueLinear):
         SharedInput([self], mapped)
 
     def forward(self, x):
+        x = rotate(x) if self.rotated else x
         if self._packed is None:  # weight-only
             w = self.weight.to(x.dtype).mul_(self.weight_scale.to(x.dtype)[:, None])
             return F.linear(x, w, self.bias)
@@ -138,6 +180,7 @@ class Int8Linear(EpilogueLinear):
         packed = self._packed
         if packed is None or len(packed.spans) > 1 or x.dim() != 2:
             return super().add(x, other)
+        x = rotate(x) if self.rotated else x
         return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other)
 
 
@@ -202,10 +245,10 @@ class Int8Embedding(nn.Module):
 
 def _linears(tower: nn.Module):
     """(parent, name, module) of every linear of a tower (the decoder or the vision tower) that the int8 mode
-    quantises: all but the vision tower's patch embedding (see the module docstring)."""
-    skip = getattr(tower, "patch_embed", None)
+    quantises: all but the vision tower's patch embedding and merger (see the module docstring)."""
+    skip = {m for name in ("patch_embed", "merger") if hasattr(tower, name) for m in getattr(tower, name).modules()}
     for parent in tower.modules():
-        if parent is skip:
+        if parent in skip:
             continue
         for name, child in parent.named_children():
             if isinstance(child, (nn.Linear, Int8Linear)):
@@ -223,10 +266,11 @@ def quantize(tower: nn.Module) -> None:
     for parent, name, lin in list(_linears(tower)):
         if isinstance(lin, Int8Linear):
             continue
+        rotated = name in ROTATED
         if lin.weight.is_meta:
-            q = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, "meta")
+            q = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, "meta", rotated)
         else:
-            q = Int8Linear.quantized(lin)
+            q = Int8Linear.quantized(lin, rotated)
             release_mapped_pages(lin.weight, mapped)  # from now on only the int8 copy is read
         setattr(parent, name, q)
     emb = getattr(tower, "embed_tokens", None)  # the decoder's
