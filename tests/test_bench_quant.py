@@ -16,3 +16,4 @@ def test_fidelity_on_a_tiny_checkpoint(tiny_ckpt):
     assert fid["queries"] == 3 and fid["documents"] == bench_quant.TEXT_DOCS + len(bench_quant.IMAGE_SIZES)
     assert 0 < fid["mean_abs_d"] <= fid["max_abs_d"] < 0.03
     assert -1 <= fid["spearman_min"] <= fid["spearman_mean"] <= 1 and 0 <= fid["top1_agreement"] <= 1
+    assert max(fid["max_abs_d_text"], fid["max_abs_d_image"]) == fid["max_abs_d"]
