@@ -80,8 +80,8 @@ def fidelity(folder: Path, n_queries: int, int8_folder: Path | None = None) -> d
     lean = scores(int8_folder, None, queries, docs) if int8_folder else scores(folder, "int8", queries, docs)
     diffs = [abs(x - y) for e, q in zip(exact, lean) for x, y in zip(e, q)]
     # Per kind of document: an image's error is mostly its visual tokens', the same for every query.
-    kind = ["image" if isinstance(d, dict) else "text" for d in docs]
-    by_kind = {k: max(abs(x - y) for e, q in zip(exact, lean) for x, y, kd in zip(e, q, kind) if kd == k) for k in kind}
+    kinds = ["image" if isinstance(d, dict) else "text" for d in docs] * len(queries)  # of each pair, as diffs
+    by_kind = {k: max(d for d, kind in zip(diffs, kinds) if kind == k) for k in ("text", "image")}
     rhos = [spearman(e, q) for e, q in zip(exact, lean)]
     top1 = [max(range(len(e)), key=e.__getitem__) == max(range(len(q)), key=q.__getitem__) for e, q in zip(exact, lean)]
     return {"queries": len(queries), "documents": len(docs), "max_abs_d": max(diffs), "mean_abs_d": statistics.mean(diffs),

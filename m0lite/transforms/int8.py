@@ -94,10 +94,15 @@ def rotation(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return (signs[:, None] * h).to(dtype=dtype, device=device)
 
 
+def rotation_block(features: int) -> int:
+    """R's size for a linear of `features` inputs: the largest power of two that divides both ROTATION_BLOCK
+    and `features` (32 for every size of the published model)."""
+    return math.gcd(ROTATION_BLOCK, features)
+
+
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x (..., in) -> x R over each block of input features (ROTATED): the largest power of two that divides
-    both ROTATION_BLOCK and `in` (32 for every size of the published model)."""
-    block = math.gcd(ROTATION_BLOCK, x.shape[-1])
+    """x (..., in) -> x R over each block of rotation_block(in) input features (ROTATED)."""
+    block = rotation_block(x.shape[-1])
     return torch.matmul(x.reshape(-1, block), rotation(block, x.dtype, x.device)).view(x.shape)
 
 
@@ -131,7 +136,7 @@ class Int8Linear(EpilogueLinear):
     def quantized(cls, lin: nn.Linear, rotated: bool = False) -> "Int8Linear":
         w = lin.weight.detach().to(torch.float32, copy=True)  # (out, in); divided in place below
         if rotated:  # W R / block: x R times it is x W^T
-            w = rotate(w).div_(math.gcd(ROTATION_BLOCK, lin.in_features))
+            w = rotate(w).div_(rotation_block(lin.in_features))
         scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device, rotated)
         q.weight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
