@@ -157,9 +157,9 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
         return score, desc
 
     import torch
-    import transformers
 
-    from tests.reference import Reference
+    from tests.reference import Reference  # first: it settles which `kernels` transformers imports
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
