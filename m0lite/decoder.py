@@ -23,19 +23,24 @@ from torch import nn
 
 from . import kernels
 from .config import TextConfig
+from .memory import LookupPages
 from .rope import apply_rotary
 
 
 class Embedding(nn.Module):
     """Token embedding table. Not nn.Embedding: its random init (normal_) costs a second even on
-    the meta device, and the weights come from the checkpoint anyway."""
+    the meta device, and the weights come from the checkpoint anyway. A table mapped from the
+    checkpoint does not stay resident: a pass reads a few of its rows (memory.LookupPages)."""
 
     def __init__(self, vocab: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab, dim))
+        self.hand_back = LookupPages()
 
     def forward(self, ids):
-        return F.embedding(ids, self.weight)
+        rows = F.embedding(ids, self.weight)
+        self.hand_back(self.weight)
+        return rows
 
 
 class RMSNorm(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from m0lite import InputError, Reranker
+from m0lite import InputError, Reranker, memory
 from m0lite.transforms import chunked, onednn, pack_weights, packable
 from m0lite.transforms.chunked import (ROW_MULTIPLE, FastDecoderLayer, FastVisionBlock, apply_rotary_pairs, pair_order,
                                       rowwise)
@@ -223,14 +223,41 @@ def test_packing_gives_the_mapped_pages_back_and_keeps_values(tmp_path):
     expected = w.clone()
     total = float(w.sum())  # fault every page in
     before = _rss_file_kib()
-    onednn.release_mapped_pages(w, onednn.file_mappings())
+    memory.release_mapped_pages(w, memory.file_mappings())
     assert before - _rss_file_kib() > 12 * 1024  # the tensor's pages left the resident set
     assert float(w.sum()) == total and torch.equal(w, expected)  # and fault back in from the file
 
     anon = torch.randn(2048, 2048)  # not file-backed: must be left alone (dropping would zero it)
     copy = anon.clone()
-    onednn.release_mapped_pages(anon, onednn.file_mappings())
+    memory.release_mapped_pages(anon, memory.file_mappings())
     assert torch.equal(anon, copy)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc")
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_an_embedding_lookup_leaves_no_page_of_a_mapped_table_resident(tmp_path, kind):
+    from m0lite.decoder import Embedding
+    from m0lite.transforms.int8 import Int8Embedding
+
+    vocab, dim = 16384, 1024  # 32 MiB in bf16, 16 MiB in int8
+    table = torch.randn(vocab, dim).to(torch.bfloat16)
+    path = tmp_path / "t.safetensors"
+    if kind == "bf16":
+        emb = Embedding(vocab, dim)
+        save_file({"w": table}, str(path))
+        emb.weight = torch.nn.Parameter(read_tensors(path)["w"], requires_grad=False)
+    else:
+        emb = Int8Embedding.quantized(Embedding(vocab, dim).requires_grad_(False))
+        table = table.float().clamp(-1, 1).mul(127).round().to(torch.int8)
+        save_file({"w": table, "s": torch.rand(vocab) + 0.5}, str(path))
+        emb.weight, emb.weight_scale = read_tensors(path)["w"], read_tensors(path)["s"]
+    ids = torch.randint(0, vocab, (3000,), generator=torch.Generator().manual_seed(0))  # rows on most pages
+    before = _rss_file_kib()
+    rows = emb(ids)
+    assert _rss_file_kib() - before < 2 * 1024  # without the hand-back: most of the table, 16-32 MiB
+    got = rows if kind == "bf16" else (rows / emb.weight_scale[ids, None]).round().to(torch.int8)
+    assert torch.equal(got, torch.nn.functional.embedding(ids, table))
+    assert torch.equal(emb(ids), rows)  # the pages fault back in from the file
 
 
 def test_pack_weights_needs_bf16_on_cpu(tiny_ckpt):

@@ -15,11 +15,11 @@ hold free to the operating system, once the queue is empty.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
+
+from ..memory import libc, trim_heap
 
 log = logging.getLogger("m0lite.server")
 
@@ -27,23 +27,11 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 1 << 20  # blocks from this size up are mapped on their own, and unmapped when freed
 
 
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 -- glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
-
 def limit_heap_growth() -> bool:
     """Pin glibc's mmap threshold (see the module docstring); False where there is no glibc."""
-    if _LIBC is None:
+    if libc() is None:
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 class Trimmer:
@@ -56,11 +44,11 @@ class Trimmer:
 
     def __call__(self) -> bool:
         """Trim now, or return False when the last trim was too recent (the caller tries again)."""
-        if _LIBC is None:
+        if libc() is None:
             return True
         if time.monotonic() - self._last < self.min_interval_s:
             return False
-        _LIBC.malloc_trim(0)
+        trim_heap()
         self._last = time.monotonic()
         self.trims += 1
         return True

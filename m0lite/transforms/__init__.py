@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import file_mappings, release_mapped_pages
 from . import chunked
-from .onednn import OneDNNLinear, file_mappings, packable, release_mapped_pages
+from .onednn import OneDNNLinear, packable
 
 __all__ = ["pack_weights", "packable", "compile_blocks"]
 

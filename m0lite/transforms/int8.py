@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..memory import LookupPages, file_mappings, release_mapped_pages
 from . import chunked
 from .epilogue import EpilogueLinear
-from .onednn import cpu_flags, file_mappings, release_mapped_pages
+from .onednn import cpu_flags
 
 # The linears whose input is rotated (see the module docstring), by name in their MLP; R's block size and the
 # bits of its signs (bit i set: row i negated), a fixed pattern that is no row of H.
@@ -203,6 +204,7 @@ class SharedInput:
             raise ValueError("SharedInput: members must have the same input size and all or none a bias")
         weight = members[0].weight if len(members) == 1 else torch.cat([m.weight for m in members])  # no copy of one
         self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        # Copies (cat, or clone for one), so that no page of a mapped checkpoint stays resident for them.
         self.weight_scale = torch.cat([m.weight_scale for m in members])
         self.zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
         self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
@@ -210,7 +212,9 @@ class SharedInput:
         for m in members:
             self.spans[id(m)] = (start, start + m.out_features)
             start += m.out_features
-            release_mapped_pages(m.weight, mapped)
+            for t in (m.weight, m.weight_scale, m.bias):
+                if t is not None:
+                    release_mapped_pages(t, mapped)
             m.weight, m._packed = None, self
         self._kept = threading.local()
 
@@ -235,6 +239,7 @@ class Int8Embedding(nn.Module):
         super().__init__()
         self.register_buffer("weight", torch.empty(vocab, dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(vocab, dtype=torch.float32, device=device))
+        self.hand_back = LookupPages()  # as the exact mode's Embedding
 
     @classmethod
     def quantized(cls, emb: nn.Module) -> "Int8Embedding":
@@ -245,7 +250,9 @@ class Int8Embedding(nn.Module):
         return q
 
     def forward(self, ids):
-        return F.embedding(ids, self.weight).float() * self.weight_scale[ids, None]
+        rows = F.embedding(ids, self.weight).float() * self.weight_scale[ids, None]
+        self.hand_back(self.weight)
+        return rows
 
 
 def _linears(tower: nn.Module):

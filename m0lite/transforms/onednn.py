@@ -13,10 +13,7 @@ fp32), well inside bf16 noise. This is for bf16 on CPUs with native bf16 (`packa
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import mmap
-import sys
 
 import torch
 from torch import nn
@@ -90,46 +87,3 @@ class OneDNNLinear(EpilogueLinear):
 
     def add(self, x, other):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
-
-
-# ---- handing memory-mapped weight pages back --------------------------------------------------
-
-_MADV_DONTNEED = 4
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's private file mappings (Linux)."""
-    spans = []
-    if not sys.platform.startswith("linux"):
-        return spans
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            # address perms offset dev inode [path]; inode 0 means anonymous memory
-            if len(parts) >= 6 and parts[4] != "0" and parts[1].endswith("p"):
-                start, end = (int(a, 16) for a in parts[0].split("-"))
-                spans.append((start, end))
-    return spans
-
-
-def release_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Drop the resident pages of a tensor that is a view of a memory-mapped file (the loader's
-    safetensors views), so that a converted copy does not double the resident memory. The pages are
-    clean copies of the file: if the tensor is read again they fault back in from it. Memory that is
-    not file-backed (not inside one of `mapped`, from `file_mappings`) is left alone: there,
-    dropping pages would zero the data. So a checkpoint converted at load (say fp32 on disk, bf16 in
-    use) keeps both copies once packed; the published bf16 checkpoint in bf16 is mapped, and does not."""
-    if t.device.type != "cpu" or t.numel() == 0:
-        return
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    if not any(s <= start and end <= e for s, e in mapped):
-        return
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)

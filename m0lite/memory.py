@@ -1,0 +1,104 @@
+"""The process's resident memory: pages of memory-mapped weights handed back, freed heap returned.
+
+The loader maps checkpoint files (weights/safetensors_mmap.py): a tensor's pages
+join the resident set when it is read, and stay. Two kinds of tensor are read
+and then not needed resident: a weight that a transform has copied into another
+layout (from then on only the copy is read), and a lookup table of which a pass
+reads a few rows (the token embeddings). `release_mapped_pages` drops such a
+tensor's pages from the resident set; they are clean copies of the file, still
+in the page cache, and fault back in if read again.
+
+glibc keeps freed memory in its heaps; `trim_heap` returns what they hold free
+(after loading: the tokenizer's parsing leaves about 20 MiB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import mmap
+import sys
+
+import torch
+
+_MADV_DONTNEED = 4
+
+
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """glibc, or None where there is none (then nothing here does anything)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.malloc_trim  # noqa: B018 -- glibc only
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Return the heaps' free memory to the operating system (glibc's malloc_trim)."""
+    if libc() is not None:
+        libc().malloc_trim(0)
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private file mappings (Linux)."""
+    spans = []
+    if not sys.platform.startswith("linux"):
+        return spans
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            # address perms offset dev inode [path]; inode 0 means anonymous memory
+            if len(parts) >= 6 and parts[4] != "0" and parts[1].endswith("p"):
+                start, end = (int(a, 16) for a in parts[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def is_mapped(t: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
+    """Whether t's memory lies inside one of `mapped` (from `file_mappings`)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return any(s <= start and end <= e for s, e in mapped)
+
+
+def release_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of a tensor that is a view of a memory-mapped file (the loader's
+    safetensors views), so that a converted copy does not double the resident memory. The pages are
+    clean copies of the file: if the tensor is read again they fault back in from it. Memory that is
+    not file-backed (not inside one of `mapped`) is left alone: there, dropping pages would zero the
+    data. So a checkpoint converted at load (say fp32 on disk, bf16 in use) keeps both copies once
+    packed; the published bf16 checkpoint in bf16 is mapped, and does not."""
+    if is_mapped(t, mapped):
+        _drop_pages(t)
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside t: for file-backed memory only."""
+    if libc() is None:
+        return
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if hi > lo:
+        libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+class LookupPages:
+    """Hands back the pages a lookup read from a memory-mapped table. A pass reads a few rows of the
+    token embeddings, but each page it touches brings its neighbours in too (the kernel maps up to 64 KiB
+    around a fault from the page cache): the rows of one text8 run left 36 MiB of the int8 table resident,
+    and varied text leaves most of it. Dropping them costs a minor fault per page on the next lookup."""
+
+    def __init__(self):
+        self._table: torch.Tensor | None = None
+        self._mapped = False
+
+    def __call__(self, table: torch.Tensor) -> None:
+        if table is not self._table:  # a new table (loaded, or converted): is it file-backed?
+            self._table, self._mapped = table, is_mapped(table, file_mappings())
+        if self._mapped:
+            _drop_pages(table)
