@@ -23,6 +23,7 @@ from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
 from .errors import InputError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
+from .memory import trim_heap
 from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
 from .transforms import int8
@@ -129,7 +130,9 @@ class Reranker:
                 raise InputError("compile=True and pack_weights=True do not go together; choose one")
             kwargs["pack_weights"] = False
             transforms.compile_blocks(model)
-        return cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
+        rr = cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
+        trim_heap()  # what parsing the tokenizer and the config left free
+        return rr
 
     def _towers(self) -> dict[str, torch.nn.Module]:
         return {"decoder": self.model.model, "vision": self.model.visual}
@@ -155,6 +158,7 @@ class Reranker:
             else:
                 transforms.pack_weights(tower)
             del self._rows_run[tower]
+            trim_heap()  # the packing's temporaries (a layer's weights side by side, reordered copies)
 
     def _before_pass(self, tower: torch.nn.Module, rows: int) -> None:
         """Before a pass of `rows` rows through a tower: put it in its fast form once it has run enough (see
@@ -195,9 +199,12 @@ class Reranker:
     def _load(self, src, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image source's patches and grid; errors name `what`."""
         try:
-            return preprocess(load_image(src), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            pixels, grid = preprocess(load_image(src), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         except InputError as e:
             raise type(e)(f"{what}: {e}") from None
+        # The vision tower casts its input to the model's dtype first: casting now gives the same visual
+        # tokens and halves what a bf16 model holds of each image until its pass (3 MiB a megapixel).
+        return pixels.to(self.model.dtype), grid
 
     # ---- scoring ------------------------------------------------------------------------------
 
