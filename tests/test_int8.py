@@ -122,6 +122,22 @@ def test_shared_input_matmul_equals_each_linear(bias):
 
 
 @pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
+@pytest.mark.parametrize("rows", [1, 7, 96, 256, 300])
+def test_packed_matmul_is_the_integer_product_at_any_row_count(rows):
+    # The weight is laid out with a chunk's shape (CHUNK_ROWS rows) as oneDNN's hint; every row count must
+    # still get the exact integer products, scaled.
+    torch.manual_seed(0)
+    lin = int8.Int8Linear.quantized(torch.nn.Linear(96, 80))
+    q, scale, bias = lin.weight.clone(), lin.weight_scale.clone(), lin.bias.detach().clone()
+    lin.prepack([])
+    x = torch.randn(rows, 96)
+    codes, row_scale = int8.quantize_rows(x)
+    products = (codes.to(torch.int64) - 128) @ q.to(torch.int64).t()
+    exact = products.double() * row_scale.double() * scale.double() + bias.double()
+    assert torch.allclose(lin(x).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_residual_in_the_matmul_is_the_sum(dtype, bias):
