@@ -91,7 +91,9 @@ class LookupPages:
     """Hands back the pages a lookup read from a memory-mapped table. A pass reads a few rows of the
     token embeddings, but each page it touches brings its neighbours in too (the kernel maps up to 64 KiB
     around a fault from the page cache): the rows of one text8 run left 36 MiB of the int8 table resident,
-    and varied text leaves most of it. Dropping them costs a minor fault per page on the next lookup."""
+    and varied text leaves most of it. Dropping them costs a minor fault per page on the next lookup.
+    Sound because nothing writes a loaded weight in place: in the private mapping a written page would be
+    this process's own copy, and dropping it would lose the write."""
 
     def __init__(self):
         self._table: torch.Tensor | None = None
