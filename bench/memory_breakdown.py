@@ -20,6 +20,7 @@ import argparse
 import bisect
 import collections
 import ctypes
+import functools
 import json
 import re
 import struct
@@ -42,11 +43,16 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _mallinfo2():
+    fn = ctypes.CDLL(None).mallinfo2
+    fn.restype = _MallInfo2
+    return fn
+
+
 def live_heap() -> int:
     """Bytes glibc has handed out and not had back: from its heaps, and blocks mapped on their own."""
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _mallinfo2()()
     return info.uordblks + info.hblkhd
 
 

@@ -57,11 +57,16 @@ def file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """(start, end) addresses of t's memory (a contiguous tensor's)."""
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
 def is_mapped(t: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
     """Whether t's memory lies inside one of `mapped` (from `file_mappings`)."""
     if t.device.type != "cpu" or t.numel() == 0:
         return False
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start, end = _span(t)
     return any(s <= start and end <= e for s, e in mapped)
 
 
@@ -80,7 +85,7 @@ def _drop_pages(t: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) on the whole pages inside t: for file-backed memory only."""
     if libc() is None:
         return
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start, end = _span(t)
     page = mmap.PAGESIZE
     lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
     if hi > lo:
