@@ -190,6 +190,18 @@ class Int8Linear(EpilogueLinear):
         return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other)
 
 
+_ZEROS = torch.zeros(0, dtype=torch.long)
+
+
+def zero_points(n: int) -> torch.Tensor:
+    """The weights' zero points (n,), all 0 (symmetric int8): views of one shared tensor, as each weight's own
+    (int64, as oneDNN takes them) would hold 8 MiB over both towers' output channels."""
+    global _ZEROS
+    if _ZEROS.numel() < n:
+        _ZEROS = torch.zeros(n, dtype=torch.long)
+    return _ZEROS[:n]
+
+
 class SharedInput:
     """The weights of one int8 linear laid out for oneDNN, or of several that read the same input one after
     another in a fast form (q, k and v; gate and up) laid out side by side as one matmul, so that the input
@@ -208,7 +220,7 @@ class SharedInput:
         self.packed = torch.ops.onednn.qlinear_prepack(weight, [CHUNK_ROWS, weight.shape[1]])
         # Copies (cat, or clone for one), so that no page of a mapped checkpoint stays resident for them.
         self.weight_scale = torch.cat([m.weight_scale for m in members])
-        self.zero_points = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+        self.zero_points = zero_points(self.weight_scale.numel())
         self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         self.spans, start = {}, 0
         for m in members:
