@@ -134,12 +134,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--e2e-csv", type=Path, action="append", default=[],
                     help="take speed and memory from these bench_e2e.py CSVs (sides m0lite and m0lite-int8) "
                          "instead of running it")
+    ap.add_argument("--activation-bits", type=int, choices=[7, 8], default=None,
+                    help="with --fidelity-only: the int8 side quantises activations to this width instead of this "
+                         "machine's (7: what CPUs without VNNI or AMX get; the integer products are the same on any CPU)")
     args = ap.parse_args(argv)
+    if args.activation_bits and not args.fidelity_only:
+        ap.error("--activation-bits goes with --fidelity-only (the speed rows run in their own processes)")
     folder = args.model or ensure_checkpoint(args.quick)
-    model, flags = cpu_info()
-    units = sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"}) or ["none"]
+    model, _ = cpu_info()
+    from m0lite.transforms import int8
+
+    bits = int8.activation_bits()
+    if args.activation_bits:
+        if not int8._exact_at(args.activation_bits):
+            sys.exit(f"{args.activation_bits}-bit activations are not multiplied exactly on this machine")
+        bits = args.activation_bits
+        int8.activation_bits = lambda: bits  # what every SharedInput of this process asks
+    units = [int8.int8_unit() or "none", f"activations {bits}-bit"]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 matmul units: {', '.join(units)}; "
+    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 unit: {', '.join(units)}; "
           f"checkpoint {folder}")
 
     table = []

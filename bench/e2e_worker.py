@@ -152,7 +152,10 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
             return rr.compute_score(pairs, query_type=qt, doc_type=dt)
 
         if int8:  # the compute the reranker resolved (a tower's layers take it before the tower's first pass)
-            desc = f"m0lite compute_score, quantize='int8' (int8_compute {rr.int8_compute})"
+            from m0lite.transforms.int8 import activation_bits
+
+            bits = f", activations {activation_bits()}-bit" if rr.int8_compute == "dynamic" else ""
+            desc = f"m0lite compute_score, quantize='int8' (int8_compute {rr.int8_compute}{bits})"
         score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
         return score, desc
 

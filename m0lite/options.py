@@ -18,7 +18,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights: half the memory, a lossy mode (see README: Lean mode)")
     p.add_argument("--int8-compute", choices=["auto", "dynamic", "weight-only"], default="auto",
-                   help="int8 x int8 (dynamic) or weight-only; auto: dynamic where the CPU has int8 matmul units")
+                   help="int8 x int8 (dynamic) or weight-only; auto: dynamic on x86 CPUs with AVX2 or more (7-bit "
+                        "activations without VNNI or AMX)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -108,8 +108,8 @@ class Reranker:
         compile=True (CPU only): torch.compile the blocks; faster images, a slower first call.
         quantize="int8": int8 weights in every linear of both towers, a lossy mode (see
         transforms/int8.py and README); a checkpoint written by `m0lite quantize` loads as int8
-        without it. int8_compute: "auto" (int8 x int8 where the CPU has int8 matmul units, else
-        weight-only), "dynamic" or "weight-only"."""
+        without it. int8_compute: "auto" (int8 x int8 on x86 CPUs with AVX2 or more, else weight-only),
+        "dynamic" or "weight-only"."""
         from .weights.hub import resolve
         from .weights.loader import load_model
 

@@ -125,14 +125,16 @@ def test_shared_input_matmul_equals_each_linear(bias):
 @pytest.mark.parametrize("rows", [1, 7, 96, 256, 300])
 def test_packed_matmul_is_the_integer_product_at_any_row_count(rows):
     # The weight is laid out with a chunk's shape (CHUNK_ROWS rows) as oneDNN's hint; every row count must
-    # still get the exact integer products, scaled.
+    # still get the exact integer products, scaled, at the activation width this machine uses.
     torch.manual_seed(0)
     lin = int8.Int8Linear.quantized(torch.nn.Linear(96, 80))
     q, scale, bias = lin.weight.clone(), lin.weight_scale.clone(), lin.bias.detach().clone()
     lin.prepack([])
+    bits = lin._packed.bits
+    assert bits == int8.activation_bits() in (7, 8)
     x = torch.randn(rows, 96)
-    codes, row_scale = int8.quantize_rows(x)
-    products = (codes.to(torch.int64) - 128) @ q.to(torch.int64).t()
+    codes, row_scale = int8.quantize_rows(x, bits)
+    products = (codes.to(torch.int64) - 2 ** (bits - 1)) @ q.to(torch.int64).t()
     exact = products.double() * row_scale.double() * scale.double() + bias.double()
     assert torch.allclose(lin(x).double(), exact, rtol=1e-5, atol=1e-5)
 
@@ -200,14 +202,17 @@ def test_rotated_input_quantises_an_activation_better(activation):
     assert err["dynamic", True] < 0.9 * err["dynamic", False]
 
 
+@pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_quantise_within_127_without_a_clamp(dtype):
+def test_rows_quantise_within_their_range_without_a_clamp(dtype, bits):
     torch.manual_seed(0)
     x = torch.randn(4000, 96).mul(torch.rand(4000, 1) * 50).to(dtype)
     x[0], x[1, :5] = 0, torch.tensor([1e-20, 3.0, -7.5, 2.0**-100, 0])  # a zero row; a row of tiny values
-    codes, scale = int8.quantize_rows(x)
-    c = codes.view(torch.int8).bitwise_xor(-128).int()  # the signed codes back
-    assert c.abs().max() == 127 and (c.abs().amax(1)[2:] >= 125).all()  # never past 127, the range used
+    codes, scale = int8.quantize_rows(x, bits)
+    top = 2 ** (bits - 1) - 1
+    assert codes.dtype == torch.uint8 and codes.min() >= 1 and codes.max() <= 2 * top + 1  # 7 bits: u8 <= 127
+    c = codes.int() - (top + 1)  # the signed codes back
+    assert c.abs().max() == top and (c.abs().amax(1)[2:] >= top - 2).all()  # never past top, the range used
     assert c[0].eq(0).all() and torch.isfinite(scale).all()
     # Within three quarters of a step of x (see quantize_rows: bf16 rounds x * multiplier first).
     assert ((c.float() * scale - x.float()).abs() <= 0.75 * scale + 1e-30).all()
@@ -294,6 +299,40 @@ def test_checkpoint_without_rotated_inputs_is_refused(quantized_ckpt, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="differs from this m0lite's in rotated_inputs: .*m0lite quantize"):
         Reranker.from_pretrained(folder)
+
+
+# Run with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA), as on a CPU without VNNI or AMX: prints the activation
+# width, whether full-range codes would be exact, and the int8 model's scores.
+WITHOUT_VNNI = """
+import json, sys, torch
+from m0lite import Reranker
+from m0lite.transforms import int8
+rr = Reranker.from_pretrained(sys.argv[1], dtype=torch.float32, quantize="int8")
+pairs = json.loads(sys.argv[2])
+print(json.dumps({"compute": rr.int8_compute, "bits": int8.activation_bits(), "exact8": int8._exact_at(8),
+                  "packed_bits": sorted({m._packed.bits for m in rr.model.modules() if isinstance(m, int8.Int8Linear)}),
+                  "scores": rr.compute_score(pairs)}))
+"""
+
+
+@pytest.mark.skipif(not HAS_ONEDNN_INT8 or "avx2" not in int8.cpu_flags(), reason="needs oneDNN's int8 kernels and AVX2")
+def test_without_vnni_activations_take_7_bits_and_stay_exact(tiny_ckpt, tiny_reranker):
+    """Without VNNI or AMX, oneDNN adds pairs of u8 x s8 products in int16 with saturation: full-range codes
+    come out wrong there, so the lean mode measures it at load and quantises activations to 7 bits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pairs = [[QUERY, d] for d in DOCS]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", WITHOUT_VNNI, str(tiny_ckpt), json.dumps(pairs)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["compute"] == "dynamic" and got["bits"] == 7 and got["packed_bits"] == [7]
+    assert not got["exact8"]  # the saturation is real under AVX2, and measured
+    assert got["scores"] == pytest.approx(tiny_reranker.compute_score(pairs), abs=TOL)
 
 
 def test_caches_are_exact_in_int8(tiny_ckpt):

@@ -9,7 +9,11 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   oneDNN's u8 x s8 kernels (AVX512-VNNI, AVX-VNNI, AMX-INT8), and the int32 products
   are scaled back by (row scale x channel scale). The weights are laid out for
   oneDNN once; a decoder layer's linears that read one input (q, k and v; gate and
-  up) are laid out side by side as one matmul (`SharedInput`).
+  up) are laid out side by side as one matmul (`SharedInput`). Without VNNI or AMX
+  (AVX2 and AVX-512 CPUs before them) oneDNN multiplies with vpmaddubsw, which adds
+  two u8 x s8 products in int16 with saturation: full-range codes would come out
+  wrong, so there the activations get 7-bit codes (max |x| -> 63, around 64), whose
+  products are exact, for twice the activations' rounding (`activation_bits`).
 - "weight-only": the int8 weight is expanded to the activations' dtype inside each
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
   devices without oneDNN's int8 kernels (CUDA).
@@ -63,26 +67,58 @@ QUANT_CONFIG = {"quant_method": "m0lite", "weights": "int8", "scheme": "symmetri
                 "rotated_inputs": {"linears": list(ROTATED), "block": ROTATION_BLOCK, "signs": hex(ROTATION_SIGNS),
                                    "weights": "W R / block, R = diag(signs) Hadamard(block)"}}
 COMPUTE = ("dynamic", "weight-only")
-# CPU flags of int8 matmul units that oneDNN's u8 x s8 kernels use.
-INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# CPU flags of the instructions oneDNN's u8 x s8 kernels multiply with, int8 dot products into int32 first; "auto"
+# picks "dynamic" where one is present (without VNNI or AMX, 7-bit activations: see activation_bits).
+INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2")
 # The decoder layer's linears that read one input, run as one matmul in "dynamic" (SharedInput).
 SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, in) -> (uint8 codes around 128, (rows, 1) fp32 scales): x ~= (codes - 128) * scale, each row's
-    largest |x| at 127. uint8 with zero point 128 because oneDNN's fast int8 kernels are u8 x s8."""
+def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, in) -> (uint8 codes around 2^(bits-1), (rows, 1) fp32 scales): x ~= (codes - 2^(bits-1)) * scale,
+    each row's largest |x| at 2^(bits-1) - 1 (127 for 8 bits, 63 for 7). uint8 with that zero point because
+    oneDNN's fast int8 kernels are u8 x s8."""
     # Each step in x's dtype: torch's CPU kernels that mix bf16 and fp32 operands, or cast to uint8, are
-    # several times slower. The multiplier is 127 / max |x| less a bf16 half-step, so that rounded into x's
-    # dtype it is still at most 127 / max |x|: no |x * multiplier| exceeds 127, even rounded, and no clamp
+    # several times slower. The multiplier is top / max |x| less a bf16 half-step, so that rounded into x's
+    # dtype it is still at most top / max |x|: no |x * multiplier| exceeds top, even rounded, and no clamp
     # is needed. The scale returned is the exact inverse of the multiplier used. In bf16 x * multiplier is
     # rounded twice (to bf16, then to an integer): at most 0.75 of a code off instead of 0.5, and only for
-    # |code| >= 64, where bf16's spacing is 0.5. The codes are in -127..127, so c + 128 as uint8 is c's
-    # int8 bit pattern with the top bit flipped.
+    # |code| >= 64, where bf16's spacing is 0.5.
+    top = 2 ** (bits - 1) - 1
     amax = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30)
-    multiplier = amax.reciprocal_().mul_(127 * (1 - 2**-8)).clamp_max_(torch.finfo(x.dtype).max).to(x.dtype)  # <= 127 / max |x|
+    multiplier = amax.reciprocal_().mul_(top * (1 - 2**-8)).clamp_max_(torch.finfo(x.dtype).max).to(x.dtype)  # <= top / max |x|
     codes = torch.mul(x, multiplier).round_().to(torch.int8)
-    return codes.view(torch.uint8).bitwise_xor_(128), multiplier.float().reciprocal_()
+    # 8 bits: c + 128 as uint8 is c's int8 bit pattern with the top bit flipped; 7 bits: c + 64 is in 1..127.
+    codes = codes.view(torch.uint8).bitwise_xor_(128) if bits == 8 else codes.add_(top + 1).view(torch.uint8)
+    return codes, multiplier.float().reciprocal_()
+
+
+def _exact_at(bits: int) -> bool:
+    """Whether oneDNN's u8 x s8 matmul gives the exact integer products for `bits`-bit activation codes, on
+    the largest codes against the largest weights of either sign (where int16 sums saturate), at a chunk's
+    row count."""
+    top, rows, k = 2 ** (bits - 1) - 1, CHUNK_ROWS, 256
+    w = torch.full((32, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    codes = torch.full((rows, k), top, dtype=torch.int8)
+    codes[1::2] = -top
+    u, _ = quantize_rows(codes.float(), bits)
+    packed = torch.ops.onednn.qlinear_prepack(w, [rows, k])
+    y = torch.ops.onednn.qlinear_pointwise(u, 1.0, top + 1, packed, torch.ones(32), zero_points(32),
+                                           None, 1.0, 0, torch.float32, "none", [], "")
+    return torch.equal(y.double(), codes.double() @ w.double().t())  # |products| < 2^24: exact in fp32
+
+
+@functools.cache
+def activation_bits() -> int | None:
+    """The activations' code width for "dynamic" on this machine: 8 where oneDNN's u8 x s8 kernels multiply
+    exactly (VNNI's and AMX's int8 dot products add into int32), 7 where they use vpmaddubsw (AVX2 and
+    AVX-512 without VNNI), which adds two u8 x s8 products in int16 with saturation (255 * 127 * 2 > 32767;
+    127 * 127 * 2 fits), None where neither is exact. Measured rather than read from the CPU's flags, so
+    that it also holds where oneDNN is told to use less than the CPU has (ONEDNN_MAX_CPU_ISA)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return None
+    return next((bits for bits in (8, 7) if _exact_at(bits)), None)
 
 
 @functools.cache
@@ -107,11 +143,11 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(-1, block), rotation(block, x.dtype, x.device)).view(x.shape)
 
 
-def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residual=None) -> torch.Tensor:
-    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8, in x's dtype;
-    plus `residual` (rows, out) if given."""
-    xq, row_scale = quantize_rows(x)
-    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, weight_scale, zero_points,
+def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residual=None, bits: int = 8) -> torch.Tensor:
+    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8 (activations in
+    `bits`-bit codes), in x's dtype; plus `residual` (rows, out) if given."""
+    xq, row_scale = quantize_rows(x, bits)
+    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 2 ** (bits - 1), packed, weight_scale, zero_points,
                                            None, 1.0, 0, x.dtype, "none", [], "")
     # The row scale, in y's dtype (see quantize_rows), and the first addend in one pass (addcmul computes in
     # fp32 and rounds once); oneDNN cannot add the bias itself, as it comes after the row scale.
@@ -187,7 +223,7 @@ class Int8Linear(EpilogueLinear):
         if packed is None or len(packed.spans) > 1 or x.dim() != 2:
             return super().add(x, other)
         x = rotate(x) if self.rotated else x
-        return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other)
+        return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other, packed.bits)
 
 
 _ZEROS = torch.zeros(0, dtype=torch.long)
@@ -222,6 +258,9 @@ class SharedInput:
         self.weight_scale = torch.cat([m.weight_scale for m in members])
         self.zero_points = zero_points(self.weight_scale.numel())
         self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+        self.bits = activation_bits()
+        if self.bits is None:
+            raise RuntimeError("oneDNN's int8 matmul is exact at no activation width on this machine; use int8_compute='weight-only'")
         self.spans, start = {}, 0
         for m in members:
             self.spans[id(m)] = (start, start + m.out_features)
@@ -236,7 +275,7 @@ class SharedInput:
         kept = self._kept
         if getattr(kept, "x", None) is not x or kept.ptr != x.data_ptr() or id(member) in kept.taken:
             kept.x, kept.ptr, kept.taken = x, x.data_ptr(), set()
-            kept.y = int8_matmul(x, self.packed, self.weight_scale, self.zero_points, self.bias)
+            kept.y = int8_matmul(x, self.packed, self.weight_scale, self.zero_points, self.bias, bits=self.bits)
         kept.taken.add(id(member))
         start, end = self.spans[id(member)]
         y = kept.y[:, start:end]
@@ -308,19 +347,21 @@ def quantize(tower: nn.Module) -> None:
             release_mapped_pages(emb.weight, mapped)
 
 
-def has_int8_units() -> bool:
-    return bool(cpu_flags() & set(INT8_UNITS))
+def int8_unit() -> str | None:
+    """The first of INT8_UNITS this CPU has (its /proc/cpuinfo name), or None."""
+    return next((unit for unit in INT8_UNITS if unit in cpu_flags()), None)
 
 
 def resolve_compute(compute: str, device: torch.device) -> str:
-    """"auto": "dynamic" on a CPU with int8 matmul units (and oneDNN's int8 ops), else "weight-only"."""
+    """"auto": "dynamic" on a CPU with an int8 unit (INT8_UNITS) where oneDNN's int8 matmul is exact at some
+    activation width, else "weight-only"."""
     if compute not in ("auto", *COMPUTE):
         raise InputError(f"int8_compute must be 'auto', 'dynamic' or 'weight-only', got {compute!r}")
-    can = device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    can = device.type == "cpu" and activation_bits() is not None
     if compute == "auto":
-        return "dynamic" if can and has_int8_units() else "weight-only"
+        return "dynamic" if can and int8_unit() else "weight-only"
     if compute == "dynamic" and not can:
-        raise InputError(f"int8_compute='dynamic' needs oneDNN's int8 kernels on the CPU, not {device}")
+        raise InputError(f"int8_compute='dynamic' needs oneDNN's int8 kernels, exact on this CPU, not {device}")
     return compute
 
 
