@@ -467,6 +467,9 @@ def main() -> None:
     import torch
 
     model, flags = cpu_info()
+    # Instruction sets held back (to measure what an older CPU runs): named with the CPU in the output and CSV.
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)]
+    model += f" [{', '.join(caps)}]" if caps else ""
     why = "given on the command line"
     if args.dtype is None:
         args.dtype, why = default_dtype(flags)
