@@ -142,7 +142,7 @@ def vm_status(field: str) -> int:
 def load_side(side: str, folder: Path, dtype, compile: bool = False):
     """-> score(pairs, query_type, doc_type) returning normalised scores, and a description."""
     if side in ("m0lite", "m0lite-int8"):
-        from m0lite import Reranker
+        from m0lite import Reranker, transforms
 
         int8 = side == "m0lite-int8"
         rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile, quantize="int8" if int8 else None)
@@ -156,7 +156,8 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
 
             bits = f", activations {activation_bits()}-bit" if rr.int8_compute == "dynamic" else ""
             desc = f"m0lite compute_score, quantize='int8' (int8_compute {rr.int8_compute}{bits})"
-        score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
+        if rr.quantized or transforms.packable(rr.model.device, rr.model.dtype):  # else it never packs (fp32)
+            score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
         return score, desc
 
     import torch
