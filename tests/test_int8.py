@@ -309,7 +309,8 @@ from m0lite import Reranker
 from m0lite.transforms import int8
 rr = Reranker.from_pretrained(sys.argv[1], dtype=torch.float32, quantize="int8")
 pairs = json.loads(sys.argv[2])
-print(json.dumps({"compute": rr.int8_compute, "bits": int8.activation_bits(), "exact8": int8._exact_at(8),
+print(json.dumps({"compute": rr.int8_compute, "bits": int8.activation_bits(), "unit": int8.int8_unit(),
+                  "exact8": int8._exact_at(8),
                   "packed_bits": sorted({m._packed.bits for m in rr.model.modules() if isinstance(m, int8.Int8Linear)}),
                   "scores": rr.compute_score(pairs)}))
 """
@@ -330,7 +331,7 @@ def test_without_vnni_activations_take_7_bits_and_stay_exact(tiny_ckpt, tiny_rer
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["compute"] == "dynamic" and got["bits"] == 7 and got["packed_bits"] == [7]
+    assert got["compute"] == "dynamic" and got["bits"] == 7 and got["packed_bits"] == [7] and got["unit"] == "avx2"
     assert not got["exact8"]  # the saturation is real under AVX2, and measured
     assert got["scores"] == pytest.approx(tiny_reranker.compute_score(pairs), abs=TOL)
 

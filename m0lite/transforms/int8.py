@@ -348,8 +348,10 @@ def quantize(tower: nn.Module) -> None:
 
 
 def int8_unit() -> str | None:
-    """The first of INT8_UNITS this CPU has (its /proc/cpuinfo name), or None."""
-    return next((unit for unit in INT8_UNITS if unit in cpu_flags()), None)
+    """The first of INT8_UNITS this CPU has that oneDNN multiplies with here (its /proc/cpuinfo name), or None:
+    "avx2" (vpmaddubsw, in AVX2 and AVX-512 alike) where the activations take 7 bits, whatever the CPU has."""
+    units = [unit for unit in INT8_UNITS if unit in cpu_flags()]
+    return next((unit for unit in units if activation_bits() != 7 or unit == "avx2"), None)
 
 
 def resolve_compute(compute: str, device: torch.device) -> str:
