@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         int8.activation_bits = lambda: bits  # what every SharedInput of this process asks
     units = [int8.int8_unit() or "none", f"activations {bits}-bit"]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 unit: {', '.join(units)}; "
+    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 {int8.describe('dynamic')}; "
           f"checkpoint {folder}")
 
     table = []

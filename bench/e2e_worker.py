@@ -143,6 +143,7 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
     """-> score(pairs, query_type, doc_type) returning normalised scores, and a description."""
     if side in ("m0lite", "m0lite-int8"):
         from m0lite import Reranker, transforms
+        from m0lite.transforms import int8 as lean
 
         int8 = side == "m0lite-int8"
         rr = Reranker.from_pretrained(folder, dtype=dtype, compile=compile, quantize="int8" if int8 else None)
@@ -152,10 +153,7 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
             return rr.compute_score(pairs, query_type=qt, doc_type=dt)
 
         if int8:  # the compute the reranker resolved (a tower's layers take it before the tower's first pass)
-            from m0lite.transforms.int8 import activation_bits
-
-            bits = f", activations {activation_bits()}-bit" if rr.int8_compute == "dynamic" else ""
-            desc = f"m0lite compute_score, quantize='int8' (int8_compute {rr.int8_compute}{bits})"
+            desc = f"m0lite compute_score, quantize='int8' (int8_compute {lean.describe(rr.int8_compute)})"
         if rr.quantized or transforms.packable(rr.model.device, rr.model.dtype):  # else it never packs (fp32)
             score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
         return score, desc

@@ -39,6 +39,10 @@ def serve(args: argparse.Namespace) -> None:
     if args.pack_weights == "start" and not args.compile and not reranker.quantized:
         log.info("weights packed for: %s", ", ".join(reranker.pack(["decoder"])) or "nothing (packing is for bf16 on CPU)")
     log.info("loaded %s on %s in %.1f s", args.model, device, time.perf_counter() - t0)
+    if reranker.quantized:
+        from m0lite.transforms.int8 import describe
+
+        log.info("lean mode (int8 weights, lossy): %s", describe(reranker.int8_compute))
     if why := random_weights_reason(reranker, os.path.expanduser(args.model)):
         log.warning("%s: %s. Its scores MEAN NOTHING (random weights); serve jinaai/jina-reranker-m0 "
                     "for real ones", args.model, why)

@@ -354,6 +354,13 @@ def int8_unit() -> str | None:
     return next((unit for unit in units if activation_bits() != 7 or unit == "avx2"), None)
 
 
+def describe(compute: str) -> str:
+    """How a model in this compute multiplies here, for logs and benchmark tables."""
+    if compute != "dynamic":
+        return f"{compute}: int8 weights expanded per call"
+    return f"dynamic: int8 x int8 on {int8_unit() or 'no int8 unit'}, {activation_bits()}-bit activations"
+
+
 def resolve_compute(compute: str, device: torch.device) -> str:
     """"auto": "dynamic" on a CPU with an int8 unit (INT8_UNITS) where oneDNN's int8 matmul is exact at some
     activation width, else "weight-only"."""
