@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -142,3 +143,37 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="huggingface-cli download"):
         Reranker.from_pretrained("jinaai/jina-reranker-m0")
+
+
+# Loads a checkpoint in another dtype than its file's; prints the peak growth of resident memory while loading
+# (VmHWM over the RSS before it) and the bytes the model holds.
+LOAD_PEAK = """
+import sys, torch
+from m0lite.weights.loader import load_model
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+before = status("VmRSS:")
+model = load_model(sys.argv[1], torch.float32)
+print(status("VmHWM:") - before, sum(t.nbytes for t in model.state_dict().values()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc")
+def test_a_converted_load_holds_no_page_of_the_file(tmp_path):
+    """bf16 on disk, fp32 in use (the exact mode's dtype on CPUs without native bf16): each tensor's mapped
+    pages are handed back once it is converted, so the peak is the model, not the model and the file."""
+    import subprocess
+
+    import dataclasses
+
+    # 8 layers of MLP weights of 6 MiB each in bf16, so that no tensor is a large part of the file (the peak
+    # holds the file pages of the tensor being converted).
+    config = ModelConfig(text=dataclasses.replace(TINY_CONFIG.text, num_hidden_layers=8, intermediate_size=16384),
+                         vision=TINY_CONFIG.vision)
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", config, dtype=torch.bfloat16)
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    growth, held = map(int, out.stdout.split())
+    file_bytes = (ckpt / "model.safetensors").stat().st_size
+    assert held > 1.9 * file_bytes  # fp32 copies of a bf16 file
+    assert growth < held + 0.5 * file_bytes  # without the hand-back: held + the whole file

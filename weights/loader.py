@@ -19,6 +19,7 @@ import torch
 
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
+from m0lite.memory import file_mappings, release_mapped_pages
 from m0lite.model import JinaReranker
 from m0lite.transforms import int8
 
@@ -117,7 +118,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
         parts = [f"missing tensors: {_few(missing)}" if missing else "", f"unexpected tensors: {_few(unexpected)}" if unexpected else ""]
         raise WeightsError(f"{where}: checkpoint does not match config.json: " + "; ".join(p for p in parts if p))
 
-    state = {}
+    state, mapped = {}, file_mappings()
     for name, (t, path) in files.items():
         if tuple(t.shape) != expected[name]:
             raise WeightsError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
@@ -130,6 +131,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected bf16, fp16 or fp32")
         # Scales stay fp32 whatever the model's dtype. A no-op (the mmap view itself) when nothing changes.
         state[name] = t.to(device=device, dtype=torch.float32 if name.endswith(".weight_scale") else dtype)
+        if state[name].data_ptr() != t.data_ptr():  # a converted copy: the file's pages are not read again
+            release_mapped_pages(t, mapped)  # (a bf16 checkpoint in fp32 held both, 12.6 GiB at full size)
         if name.endswith(".weight_scale") and not bool(torch.isfinite(state[name]).all() and (state[name] > 0).all()):
             raise WeightsError(f"{path}: tensor {name} holds scales that are not all finite and positive")
     state["visual.patch_embed.proj.weight"] = state["visual.patch_embed.proj.weight"].flatten(1)
