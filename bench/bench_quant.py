@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bits = int8.activation_bits()
     if args.activation_bits:
-        if not int8._exact_at(args.activation_bits):
+        if not int8.exact_at(args.activation_bits):
             sys.exit(f"{args.activation_bits}-bit activations are not multiplied exactly on this machine")
         bits = args.activation_bits
         int8.activation_bits = lambda: bits  # what every SharedInput of this process asks

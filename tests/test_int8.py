@@ -310,7 +310,7 @@ from m0lite.transforms import int8
 rr = Reranker.from_pretrained(sys.argv[1], dtype=torch.float32, quantize="int8")
 pairs = json.loads(sys.argv[2])
 print(json.dumps({"compute": rr.int8_compute, "bits": int8.activation_bits(), "unit": int8.int8_unit(),
-                  "exact8": int8._exact_at(8),
+                  "exact8": int8.exact_at(8),
                   "packed_bits": sorted({m._packed.bits for m in rr.model.modules() if isinstance(m, int8.Int8Linear)}),
                   "scores": rr.compute_score(pairs)}))
 """

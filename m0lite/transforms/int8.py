@@ -93,7 +93,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     return codes, multiplier.float().reciprocal_()
 
 
-def _exact_at(bits: int) -> bool:
+def exact_at(bits: int) -> bool:
     """Whether oneDNN's u8 x s8 matmul gives the exact integer products for `bits`-bit activation codes, on
     the largest codes against the largest weights of either sign (where int16 sums saturate), at a chunk's
     row count."""
@@ -118,7 +118,7 @@ def activation_bits() -> int | None:
     that it also holds where oneDNN is told to use less than the CPU has (ONEDNN_MAX_CPU_ISA)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return None
-    return next((bits for bits in (8, 7) if _exact_at(bits)), None)
+    return next((bits for bits in (8, 7) if exact_at(bits)), None)
 
 
 @functools.cache
