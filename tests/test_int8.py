@@ -336,6 +336,17 @@ def test_without_vnni_activations_take_7_bits_and_stay_exact(tiny_ckpt, tiny_rer
     assert got["scores"] == pytest.approx(tiny_reranker.compute_score(pairs), abs=TOL)
 
 
+def test_no_exact_int8_matmul_means_weight_only(monkeypatch):
+    """Where oneDNN's int8 matmul is exact at no width (or absent), "auto" falls back to weight-only and a
+    forced "dynamic" is refused by name, never run inexact."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(int8, "activation_bits", lambda: None)
+    assert int8.resolve_compute("auto", cpu) == "weight-only"
+    with pytest.raises(InputError, match="int8_compute='dynamic' needs oneDNN's int8 kernels, exact on this CPU"):
+        int8.resolve_compute("dynamic", cpu)
+    assert int8.resolve_compute("weight-only", torch.device("meta")) == "weight-only"
+
+
 def test_caches_are_exact_in_int8(tiny_ckpt):
     plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", vision_cache_bytes=0)
     cached = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", doc_cache_bytes=2**26)
