@@ -16,7 +16,7 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   products are exact, for twice the activations' rounding (`activation_bits`).
 - "weight-only": the int8 weight is expanded to the activations' dtype inside each
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
-  devices without oneDNN's int8 kernels (CUDA).
+  devices without oneDNN's exact int8 kernels (CUDA, CPUs without AVX2).
 
 Two linears, the MLPs' second (`ROTATED`), quantise a rotated input. Their input is an
 activation's output, the SwiGLU product in the decoder (heavy-tailed: max |x| is 12x the
