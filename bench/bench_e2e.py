@@ -93,7 +93,9 @@ def cpu_info() -> tuple[str, set[str]]:
             model = line.split(":", 1)[1].strip()
         elif line.startswith("flags") and not flags:
             flags = set(line.split(":", 1)[1].split())
-    return model, flags
+    # Instruction sets held back (to measure what an older CPU runs) are named with the CPU, in outputs and CSVs.
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)]
+    return model + (f" [{', '.join(caps)}]" if caps else ""), flags
 
 
 def default_dtype(flags: set[str]) -> tuple[str, str]:
@@ -467,9 +469,6 @@ def main() -> None:
     import torch
 
     model, flags = cpu_info()
-    # Instruction sets held back (to measure what an older CPU runs): named with the CPU in the output and CSV.
-    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)]
-    model += f" [{', '.join(caps)}]" if caps else ""
     why = "given on the command line"
     if args.dtype is None:
         args.dtype, why = default_dtype(flags)

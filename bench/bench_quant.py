@@ -142,18 +142,17 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--activation-bits goes with --fidelity-only (the speed rows run in their own processes)")
     folder = args.model or ensure_checkpoint(args.quick)
     model, _ = cpu_info()
+    import torch
+
     from m0lite.transforms import int8
 
-    bits = int8.activation_bits()
     if args.activation_bits:
         if not int8.exact_at(args.activation_bits):
             sys.exit(f"{args.activation_bits}-bit activations are not multiplied exactly on this machine")
-        bits = args.activation_bits
-        int8.activation_bits = lambda: bits  # what every SharedInput of this process asks
-    units = [int8.int8_unit() or "none", f"activations {bits}-bit"]
+        int8.activation_bits = lambda: args.activation_bits  # what every SharedInput of this process asks
+    compute = int8.describe(int8.resolve_compute("auto", torch.device("cpu")))  # what the int8 side runs
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
-    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 {int8.describe('dynamic')}; "
-          f"checkpoint {folder}")
+    print(f"# m0lite int8 vs bf16 — {stamp}\nmachine: {model}, {os.cpu_count()} cores; int8 {compute}; checkpoint {folder}")
 
     table = []
     if not args.fidelity_only:
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         w = csv.DictWriter(f, fieldnames=["date", "cpu", "int8_units", "what", "bf16", "int8", "int8 / bf16", "goal"])
         w.writeheader()
         for row in table:
-            w.writerow({"date": stamp, "cpu": model, "int8_units": " ".join(units), **row})
+            w.writerow({"date": stamp, "cpu": model, "int8_units": compute, **row})
     print(f"\nraw numbers: {out.relative_to(REPO)}")
 
 

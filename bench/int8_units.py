@@ -1,7 +1,7 @@
 """One int8 matmul of the decoder's MLP size, as oneDNN runs it on this machine: exact or not, and how fast
 against the same product in fp32, in bf16, and with the int8 weight expanded per call ("weight-only").
 
-    python bench/int8_units.py
+    python bench/int8_units.py                                                        # median ms (bench/common.time_ms)
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/int8_units.py   # as a CPU without VNNI runs it
 
 Without VNNI or AMX, oneDNN's u8 x s8 kernels add two products in int16 with saturation, so full-range
@@ -13,27 +13,16 @@ Without VNNI or AMX, oneDNN's u8 x s8 kernels add two products in int16 with sat
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_e2e import cpu_info  # noqa: E402
+from bench.common import time_ms  # noqa: E402
 from m0lite.transforms import int8  # noqa: E402
-
-
-def median_ms(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 def main() -> None:
@@ -41,13 +30,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256, help="activation rows (a chunk of the fast forms)")
     ap.add_argument("--shape", default="1536x8960", help="in x out of the weight (default: gate or up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     k, n = map(int, args.shape.split("x"))
-    caps = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(v)]
-    print(f"{args.rows} x {k} times {k} x {n}, {args.threads} threads; {' '.join(caps) or 'all instruction sets'}; "
-          f"int8 unit {int8.int8_unit()}, activations {int8.activation_bits()}-bit")
+    print(f"{cpu_info()[0]}; {args.rows} x {k} times {k} x {n}, {args.threads} threads; "
+          f"int8 {int8.describe('dynamic')}")
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w[:, :64] = 127  # the worst case for the first rows' sums
@@ -63,14 +50,14 @@ def main() -> None:
             return torch.ops.onednn.qlinear_pointwise(u, 1.0, top + 1, packed, ones, zeros, None, 1.0, 0,
                                                       torch.float32, "none", [], "")
         err = (run().double() - codes.double() @ w.double().t()).abs().max().item()
-        print(f"  int8, {bits}-bit activations: {median_ms(run, args.repeats):7.2f} ms, max |error| {err:.0f}"
+        print(f"  int8, {bits}-bit activations: {time_ms(run)[0]:7.2f} ms, max |error| {err:.0f}"
               + ("" if err == 0 else "  (saturated: wrong)"))
     x = torch.randn(args.rows, k, generator=g)
     wf = torch.randn(n, k, generator=g) / k**0.5
     for name, a, b in (("fp32", x, wf), ("bf16", x.bfloat16(), wf.bfloat16())):
-        print(f"  {name} matmul:                {median_ms(lambda: torch.nn.functional.linear(a, b), args.repeats):7.2f} ms")
+        print(f"  {name} matmul:                {time_ms(lambda: torch.nn.functional.linear(a, b))[0]:7.2f} ms")
     scale = torch.rand(n) / 127
-    print(f"  weight-only (fp32):          {median_ms(lambda: torch.nn.functional.linear(x, w.float().mul_(scale[:, None])), args.repeats):7.2f} ms")
+    print(f"  weight-only (fp32):          {time_ms(lambda: torch.nn.functional.linear(x, w.float().mul_(scale[:, None])))[0]:7.2f} ms")
 
 
 if __name__ == "__main__":

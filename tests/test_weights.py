@@ -162,9 +162,8 @@ print(status("VmHWM:") - before, sum(t.nbytes for t in model.state_dict().values
 def test_a_converted_load_holds_no_page_of_the_file(tmp_path):
     """bf16 on disk, fp32 in use (the exact mode's dtype on CPUs without native bf16): each tensor's mapped
     pages are handed back once it is converted, so the peak is the model, not the model and the file."""
-    import subprocess
-
     import dataclasses
+    import subprocess
 
     # 8 layers of MLP weights of 6 MiB each in bf16, so that no tensor is a large part of the file (the peak
     # holds the file pages of the tensor being converted).
