@@ -1,11 +1,11 @@
 """Attention over packed sequences: Triton kernel vs torch twin vs SDPA, side by side.
 
 Providers (same inputs, each checked against the twin):
-  twin         kernels.attention_torch: SDPA called once per packed sequence
+  twin         ops.attention_torch: SDPA called once per packed sequence
   sdpa-padded  one SDPA call over the batch padded to the longest sequence, as the
                transformers reference runs it (key-padding mask when bidirectional)
   torch-varlen torch.nn.attention.varlen.varlen_attn (flash varlen), if this torch has it; CUDA only
-  triton       kernels.attention_triton; CUDA only
+  triton       ops.attention_triton; CUDA only
 TFLOP/s counts useful FLOPs only: 4*d*heads per (query, key) pair, and only the
 L(L+1)/2 visible pairs when causal; padding work is not credited. The peak is the
 measured dense matmul rate in the same dtype.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common import (CUDA, DEVICE, device_name, no_gpu_banner, peak_matmul_tflops, print_table, sync, time_ms,
                     write_csv)
 
-from m0lite import kernels  # importable: common put the repository root on sys.path
+from m0lite.kernels import ops  # importable: common put the repository root on sys.path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -85,7 +85,7 @@ def providers(q, k, v, cu, lens, causal):
         return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
     out = {
-        "twin": (lambda: kernels.attention_torch(q, k, v, cu, max_len, causal), ""),
+        "twin": (lambda: ops.attention_torch(q, k, v, cu, max_len, causal), ""),
         "sdpa-padded": (sdpa_padded, "unpad"),
     }
     if CUDA:
@@ -98,7 +98,7 @@ def providers(q, k, v, cu, lens, causal):
             out["torch-varlen"] = (varlen, "")
         except ImportError:
             pass
-        out["triton"] = (lambda: kernels.attention_triton(q, k, v, cu, max_len, causal), "")
+        out["triton"] = (lambda: ops.attention_triton(q, k, v, cu, max_len, causal), "")
     return out
 
 
@@ -152,10 +152,10 @@ def sweep(args):
     rows = []
     for name, cfg, lens in [("decoder 1x4096", DECODER, [4096]), ("vision 2x3136", VISION, [3136, 3136])]:
         q, k, v, cu = make_inputs(lens, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
-        ref = kernels.attention_torch(q, k, v, cu, max(lens), cfg["causal"]).float()
+        ref = ops.attention_torch(q, k, v, cu, max(lens), cfg["causal"]).float()
         flops = attention_flops(lens, cfg["n_heads"], cfg["head_dim"], cfg["causal"])
         for config in SWEEP:
-            fn = lambda: kernels.attention_triton(q, k, v, cu, max(lens), cfg["causal"], config=config)  # noqa: E731
+            fn = lambda: ops.attention_triton(q, k, v, cu, max(lens), cfg["causal"], config=config)  # noqa: E731
             try:
                 err = (fn().float() - ref).abs().max().item()
             except Exception as e:  # e.g. out of shared memory

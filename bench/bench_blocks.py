@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from bench.bench_e2e import ensure_checkpoint, matmul_tflops  # noqa: E402
 from bench.common import device_name, print_table, write_csv  # noqa: E402
 from bench.e2e_worker import make_workload  # noqa: E402
-from m0lite import Reranker, kernels  # noqa: E402
+from m0lite import Reranker  # noqa: E402
+from m0lite.kernels import ops  # noqa: E402
 from m0lite.transforms import chunked  # noqa: E402
 from m0lite.transforms.chunked import rowwise  # noqa: E402
 from m0lite.transforms.epilogue import PlainLinear  # noqa: E402
@@ -98,7 +99,7 @@ def stages(block, args) -> dict:
                     fn(inp[s:s + CHUNK_ROWS]) if other is None else fn(inp[s:s + CHUNK_ROWS], other[s:s + CHUNK_ROWS])
 
     causal = hasattr(block, "self_attn")
-    return {"whole": lambda: block(*args), "attention": lambda: kernels.attention(q, k, v, cu, max_len, causal),
+    return {"whole": lambda: block(*args), "attention": lambda: ops.attention(q, k, v, cu, max_len, causal),
             "matmuls": matmuls}
 
 

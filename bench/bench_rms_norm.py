@@ -1,11 +1,11 @@
 """RMSNorm, plain and fused with the residual add: Triton kernel vs torch twin vs torch.compile(twin).
 
 Providers (same inputs, each checked against the twin):
-  twin     kernels.rms_norm_torch, eager (the add, the fp32 statistics and the casts
+  twin     ops.rms_norm_torch, eager (the add, the fp32 statistics and the casts
            are separate kernels)
-  compile  torch.compile(kernels.rms_norm_torch); the compile cache is reset per
+  compile  torch.compile(ops.rms_norm_torch); the compile cache is reset per
            hidden size so hidden stays static (rows become dynamic after the first size)
-  triton   kernels.rms_norm_triton, one pass; CUDA only
+  triton   ops.rms_norm_triton, one pass; CUDA only
 GB/s counts the bytes a single pass must move: read x (+ residual), write y (+ h),
 read the weight. The peak is the measured bandwidth of a large copy_.
 
@@ -18,7 +18,7 @@ import torch
 
 from common import CUDA, DEVICE, device_name, no_gpu_banner, peak_copy_gbs, print_table, sync, time_ms, write_csv
 
-from m0lite import kernels  # importable: common put the repository root on sys.path
+from m0lite.kernels import ops  # importable: common put the repository root on sys.path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
@@ -45,17 +45,17 @@ def run(args):
             # A fresh cache per hidden size: hidden stays specialised, rows turn dynamic on the
             # first recompile, and the four graphs (plain/fused x static/dynamic) fit the default limit.
             torch._dynamo.reset()
-            compiled, last_hidden = torch.compile(kernels.rms_norm_torch), hidden
+            compiled, last_hidden = torch.compile(ops.rms_norm_torch), hidden
         g = torch.Generator(device=DEVICE).manual_seed(n)
         x = torch.randn(n, hidden, device=DEVICE, dtype=dtype, generator=g)
         res = torch.randn(n, hidden, device=DEVICE, dtype=dtype, generator=g)
         w = (1 + 0.1 * torch.randn(hidden, device=DEVICE, generator=g)).to(dtype)
         for variant, r in (("plain", None), ("fused-add", res)):
-            provs = {"twin": kernels.rms_norm_torch}
+            provs = {"twin": ops.rms_norm_torch}
             if compiled is not None:
                 provs["compile"] = compiled
             if CUDA:
-                provs["triton"] = kernels.rms_norm_triton
+                provs["triton"] = ops.rms_norm_triton
             moved = (2 if r is None else 4) * x.numel() * x.element_size() + w.numel() * w.element_size()
             ref, twin_ms = None, None
             for prov, fn in provs.items():

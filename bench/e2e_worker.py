@@ -160,7 +160,7 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
 
     import torch
 
-    from tests.reference import Reference  # first: it settles which `kernels` transformers imports
+    from tests.reference import Reference
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import ops
 from .config import TextConfig
 from .memory import LookupPages
 from .rope import apply_rotary
@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """rms_norm(x), or with `residual`: (rms_norm(x + residual), x + residual), fused."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         k, v = self.kv(x, cos, sin)  # (T, nkv, hd)
         if keep is not None:
             keep.append((k, v))
-        out = kernels.causal_attention(q, k, v, cu_seqlens, max_seqlen, past)  # (T, nh, hd)
+        out = ops.causal_attention(q, k, v, cu_seqlens, max_seqlen, past)  # (T, nh, hd)
         return self.o_proj(out.flatten(1))  # (T, nh * hd) -> (T, hidden)
 
 

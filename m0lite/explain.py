@@ -48,7 +48,7 @@ from .decoder import DecoderLayer
 from .errors import InputError
 from .images import load_image, preprocess
 from .images.preprocess import FACTOR, PATCH_SIZE
-from .kernels import rms_norm_torch
+from .kernels.ops import rms_norm_torch
 from .model import RaggedBatch
 from .prompt import (DOC_HEAD, IMAGE_PLACEHOLDER, QUERY_HEAD, Side, build_prompt, check_text, default_max_doc_length,
                      document_string, expand_images)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from .kernels import ops
 from .config import ModelConfig
 from .decoder import Decoder
 from .rope import inv_freq, mrope_cos_sin
@@ -37,7 +37,7 @@ class RaggedBatch:
         return cls(
             input_ids=torch.tensor([i for p in ids for i in p], dtype=torch.long),
             positions=torch.cat(positions, dim=1),
-            cu_seqlens=kernels.cu_seqlens(lengths),
+            cu_seqlens=ops.cu_seqlens(lengths),
             max_seqlen=max(lengths),
             grids=[g for gs in grids for g in gs],
         )

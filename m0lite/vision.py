@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
+from .kernels import ops
 from .config import VisionConfig
 from .rope import apply_rotary, inv_freq, vision_cos_sin, vision_positions
 
@@ -46,7 +46,7 @@ class VisionAttention(nn.Module):
         # The reference rotates in fp32 whatever the model dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = kernels.attention(q, k, v, cu_seqlens, max_seqlen, causal=False)
+        out = ops.attention(q, k, v, cu_seqlens, max_seqlen, causal=False)
         return self.proj(out.flatten(1))  # (P, nh * hd) -> (P, embed)
 
 
@@ -109,7 +109,7 @@ class VisionTower(nn.Module):
         cos, sin = vision_cos_sin(vision_positions(grid_thw, cfg.spatial_merge_size), freqs)
         # Each frame of each image is its own attention block.
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        cu_seqlens = kernels.cu_seqlens(lengths, x.device)
+        cu_seqlens = ops.cu_seqlens(lengths, x.device)
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max(lengths))
         return x

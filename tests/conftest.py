@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from tests import hf_kernels  # noqa: F401  (before any test imports transformers)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.manual_seed(0)

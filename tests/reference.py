@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests import hf_kernels  # noqa: F401  (before transformers)
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.image_utils import load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

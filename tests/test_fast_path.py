@@ -117,21 +117,21 @@ def test_rotary_in_pair_order_is_the_same_rotation():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_materialized_attention_is_attention(dtype, monkeypatch):
-    from m0lite import kernels
+    from m0lite.kernels import ops
 
     monkeypatch.setattr(chunked, "SCORE_ROWS", 7)  # several score matrices per sequence and head
     torch.manual_seed(0)
     lens, heads, hd = [1, 20, 9, 33], 3, 80
-    cu = kernels.cu_seqlens(lens)
+    cu = ops.cu_seqlens(lens)
     # Heads-major storage, as rowwise returns it for a long pass.
     q, k, v = (torch.randn(heads, sum(lens), hd).mul(2).to(dtype).transpose(0, 1) for _ in range(3))
     got = chunked.materialized_attention(q, k, v, cu, max(lens))
-    exact = kernels.attention_torch(q.float(), k.float(), v.float(), cu, max(lens), causal=False)
+    exact = ops.attention_torch(q.float(), k.float(), v.float(), cu, max(lens), causal=False)
     assert got.dtype == dtype and got.is_contiguous()
     if dtype == torch.float32:
         torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5)
     else:  # the scores rounded to bf16: a few times the flash kernel's error, and far from a wrong attention
-        flash = (kernels.attention_torch(q, k, v, cu, max(lens), causal=False).float() - exact).abs().mean()
+        flash = (ops.attention_torch(q, k, v, cu, max(lens), causal=False).float() - exact).abs().mean()
         err = (got.float() - exact).abs().mean()
         assert err < 20 * flash and err < 0.02, (err, flash)
     with pytest.raises(ValueError, match="causal"):

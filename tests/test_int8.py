@@ -159,7 +159,7 @@ def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
     in the model dtype; the exact mode keeps the flash kernel's fp32 scores."""
     if not HAS_ONEDNN_INT8:
         pytest.skip("no oneDNN int8 kernels in this torch build")
-    from m0lite import kernels
+    from m0lite.kernels import ops
     from m0lite.transforms.chunked import materialized_attention
 
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", int8_compute="dynamic")
@@ -167,7 +167,7 @@ def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
     assert all(block.attention is materialized_attention for block in rr.model.visual.blocks)
     exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True)
     if exact.pack():  # bf16 packing needs native bf16 on this CPU
-        assert all(block.attention is kernels.attention for block in exact.model.visual.blocks)
+        assert all(block.attention is ops.attention for block in exact.model.visual.blocks)
 
 
 def test_rotation_is_orthogonal_up_to_its_block():

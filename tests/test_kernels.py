@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from m0lite import kernels  # noqa: E402
+from m0lite.kernels import ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -94,17 +94,17 @@ def norm_inputs(shape, dtype, residual, seed=0, device="cpu", weight_dtype=None)
 def check_attention(lens, n_heads, n_kv_heads, head_dim, causal, dtype, scale=None, fused=False, seed=0,
                     config=None):
     q, k, v, cu = packed_qkv(lens, n_heads, n_kv_heads, head_dim, dtype, seed, DEVICE, fused)
-    out = kernels.attention_triton(q, k, v, cu, max(lens), causal, scale, config=config and tuple(config))
+    out = ops.attention_triton(q, k, v, cu, max(lens), causal, scale, config=config and tuple(config))
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     # The oracle: the twin on CPU in fp32, from the same (rounded) inputs.
-    ref = kernels.attention_torch(*(t.cpu().float() for t in (q, k, v)), cu.cpu(), max(lens), causal, scale)
+    ref = ops.attention_torch(*(t.cpu().float() for t in (q, k, v)), cu.cpu(), max(lens), causal, scale)
     torch.testing.assert_close(out.cpu().float(), ref, **ATTN_TOL[dtype])
 
 
 def check_rms_norm(shape, dtype, residual, weight_dtype=None, seed=0):
     x, w, r = norm_inputs(shape, dtype, residual, seed, DEVICE, weight_dtype)
-    got = kernels.rms_norm_triton(x, w, 1e-6, r)
-    want = kernels.rms_norm_torch(x.cpu(), w.cpu(), 1e-6, None if r is None else r.cpu())
+    got = ops.rms_norm_triton(x, w, 1e-6, r)
+    want = ops.rms_norm_torch(x.cpu(), w.cpu(), 1e-6, None if r is None else r.cpu())
     if residual:
         (got, got_h), (want, want_h) = got, want
         assert got_h.dtype == x.dtype
@@ -121,9 +121,9 @@ def check_dispatch_forces_triton():
     before = os.environ.get("M0LITE_KERNELS")
     os.environ["M0LITE_KERNELS"] = "triton"
     try:
-        assert torch.equal(kernels.attention(q, k, v, cu, 9, True), kernels.attention_triton(q, k, v, cu, 9, True))
+        assert torch.equal(ops.attention(q, k, v, cu, 9, True), ops.attention_triton(q, k, v, cu, 9, True))
         x, w, _ = norm_inputs((3, 40), "fp32", False, device=DEVICE)
-        assert torch.equal(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm_triton(x, w, 1e-6))
+        assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_triton(x, w, 1e-6))
     finally:
         if before is None:
             del os.environ["M0LITE_KERNELS"]
@@ -137,9 +137,9 @@ def check_attention_with_past(lens, past_lens, n_heads, n_kv_heads, head_dim, dt
     _, pk, pv, pcu = packed_qkv(past_lens, n_heads, n_kv_heads, head_dim, dtype, seed + 1, DEVICE)
     bounds = pcu.tolist()
     past = [(pk[s:e], pv[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
-    out = kernels.attention_with_past_triton(q, k, v, cu, past)
+    out = ops.attention_with_past_triton(q, k, v, cu, past)
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref = kernels.attention_with_past_torch(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(),
+    ref = ops.attention_with_past_torch(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(),
                                             [(a.cpu().float(), b.cpu().float()) for a, b in past])
     torch.testing.assert_close(out.cpu().float(), ref, **ATTN_TOL[dtype])
 
@@ -255,13 +255,13 @@ def test_attention_with_past_twin_is_attention_over_the_whole(dtype="fp32"):
     """Attending over a prefix's keys then the rest's equals causal attention over prefix + rest."""
     whole_lens, split = [50, 9, 30], [20, 0, 29]
     q, k, v, cu = packed_qkv(whole_lens, 4, 2, 64, dtype)
-    whole = kernels.attention_torch(q, k, v, cu, max(whole_lens), True)
+    whole = ops.attention_torch(q, k, v, cu, max(whole_lens), True)
     bounds = cu.tolist()
     rest = [(s + p, e) for (s, e), p in zip(zip(bounds[:-1], bounds[1:]), split)]
     idx = torch.cat([torch.arange(s, e) for s, e in rest])
     past = [(k[s:s + p], v[s:s + p]) for s, p in zip(bounds[:-1], split)]
-    cu_rest = kernels.cu_seqlens([e - s for s, e in rest])
-    got = kernels.attention_with_past_torch(q[idx], k[idx], v[idx], cu_rest, past)
+    cu_rest = ops.cu_seqlens([e - s for s, e in rest])
+    got = ops.attention_with_past_torch(q[idx], k[idx], v[idx], cu_rest, past)
     torch.testing.assert_close(got, whole[idx], atol=1e-5, rtol=1e-5)
 
 
@@ -337,18 +337,18 @@ def test_kernels_compile_for_hopper():
 def test_attention_twin_matches_naive(heads, causal, dtype, tol):
     lens = [131, 7, 1, 64, 123]
     q, k, v, cu = packed_qkv(lens, *heads, dtype)
-    out = kernels.attention_torch(q, k, v, cu, max(lens), causal)
+    out = ops.attention_torch(q, k, v, cu, max(lens), causal)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, cu, causal), atol=tol, rtol=tol)
     # A custom scale reaches the softmax.
-    out = kernels.attention_torch(q, k, v, cu, max(lens), causal, scale=0.05)
+    out = ops.attention_torch(q, k, v, cu, max(lens), causal, scale=0.05)
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, cu, causal, 0.05), atol=tol, rtol=tol)
 
 
 def test_attention_naive_oracle_can_fail():
     """The oracle is sensitive to the packing: attending across sequences is caught."""
     q, k, v, cu = packed_qkv([10, 10], 2, 2, 16, "fp32")
-    whole = kernels.attention_torch(q, k, v, torch.tensor([0, 20], dtype=torch.int32), 20, False)
+    whole = ops.attention_torch(q, k, v, torch.tensor([0, 20], dtype=torch.int32), 20, False)
     assert not torch.allclose(whole.double(), naive_attention(q, k, v, cu, False), atol=1e-3)
 
 
@@ -362,7 +362,7 @@ def test_rms_norm_twin_matches_transformers(dtype, residual):
         ref.weight.copy_(w)
         h = x if r is None else r + x  # the decoder layer's `residual + hidden_states`
         want = ref(h)
-    got = kernels.rms_norm_torch(x, w, 1e-6, r)
+    got = ops.rms_norm_torch(x, w, 1e-6, r)
     if residual:
         got, got_h = got
         assert torch.equal(got_h, h)
@@ -378,7 +378,7 @@ def test_rms_norm_twin_matches_transformers(dtype, residual):
 def test_dispatch(monkeypatch):
     calls = []
     for name in ("attention_triton", "attention_torch", "rms_norm_triton", "rms_norm_torch"):
-        monkeypatch.setattr(kernels, name, lambda *a, _name=name: calls.append(_name))
+        monkeypatch.setattr(ops, name, lambda *a, _name=name: calls.append(_name))
     x = torch.zeros(2, 4)
     for mode, want in [(None, "torch"), ("torch", "torch"), ("triton", "triton"), ("auto", "torch")]:
         if mode is None:
@@ -386,20 +386,20 @@ def test_dispatch(monkeypatch):
         else:
             monkeypatch.setenv("M0LITE_KERNELS", mode)
         calls.clear()
-        kernels.attention(x, x, x, None, 1, True)
-        kernels.rms_norm(x, x[0], 1e-6)
+        ops.attention(x, x, x, None, 1, True)
+        ops.rms_norm(x, x[0], 1e-6)
         assert calls == [f"attention_{want}", f"rms_norm_{want}"], mode
     monkeypatch.setenv("M0LITE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="M0LITE_KERNELS"):
-        kernels.rms_norm(x, x[0], 1e-6)
+        ops.rms_norm(x, x[0], 1e-6)
 
 
 def test_dispatch_default_is_twin_on_cpu(monkeypatch):
     monkeypatch.delenv("M0LITE_KERNELS", raising=False)
     q, k, v, cu = packed_qkv([5, 9], 4, 2, 16, "fp32")
-    assert torch.equal(kernels.attention(q, k, v, cu, 9, True), kernels.attention_torch(q, k, v, cu, 9, True))
+    assert torch.equal(ops.attention(q, k, v, cu, 9, True), ops.attention_torch(q, k, v, cu, 9, True))
     x, w, r = norm_inputs((3, 40), "fp16", True)
-    for got, want in zip(kernels.rms_norm(x, w, 1e-6, r), kernels.rms_norm_torch(x, w, 1e-6, r)):
+    for got, want in zip(ops.rms_norm(x, w, 1e-6, r), ops.rms_norm_torch(x, w, 1e-6, r)):
         assert torch.equal(got, want)
 
 
@@ -414,9 +414,9 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("M0LITE_KERNELS", "triton")
     q, k, v, cu = packed_qkv([5], 2, 2, 16, "fp32")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kernels.attention(q, k, v, cu, 5, False)
+        ops.attention(q, k, v, cu, 5, False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kernels.rms_norm(q, torch.ones(16), 1e-6)
+        ops.rms_norm(q, torch.ones(16), 1e-6)
 
 
 def triton_jit_function():
@@ -444,17 +444,17 @@ def test_attention_rejects_bad_input(bad, match):
                     dtype=bad.get("k_dtype", torch.float32))
     cu = torch.tensor([0, 4, 10], dtype=bad.get("cu_dtype", torch.int32))
     with pytest.raises(ValueError, match=match):
-        kernels.attention_triton(q, k, k.clone(), cu, 6, True)
+        ops.attention_triton(q, k, k.clone(), cu, 6, True)
 
 
 def test_rms_norm_rejects_bad_input():
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="weight"):
-        kernels.rms_norm_triton(x, torch.ones(32), 1e-6)
+        ops.rms_norm_triton(x, torch.ones(32), 1e-6)
     with pytest.raises(ValueError, match="residual"):
-        kernels.rms_norm_triton(x, torch.ones(64), 1e-6, residual=x.half())
+        ops.rms_norm_triton(x, torch.ones(64), 1e-6, residual=x.half())
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.rms_norm_triton(torch.randn(64, 4).t(), torch.ones(64), 1e-6)
+        ops.rms_norm_triton(torch.randn(64, 4).t(), torch.ones(64), 1e-6)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

@@ -23,12 +23,12 @@ DOCS = ["ReaderLM-v2 converts HTML to markdown.", "数据提取么？为什么�
 
 WORKER = """
 import json, sys, torch
-from m0lite import kernels
+from m0lite.kernels import ops
 from m0lite import Reranker
 calls = []
 for name in ("attention_triton", "rms_norm_triton"):
-    fn = getattr(kernels, name)
-    setattr(kernels, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    fn = getattr(ops, name)
+    setattr(ops, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
 rr = Reranker.from_pretrained(sys.argv[1], dtype="float32")
 query, docs, image = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 text = rr.compute_score([[query, d] for d in docs], normalize_scores=False)

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import ops
 from ..decoder import DecoderLayer
 from ..rope import apply_rotary
 from ..vision import QUICK_GELU, VisionBlock
@@ -97,7 +97,7 @@ class FastDecoderLayer(nn.Module):
         q, k, v = rowwise(self._qkv, x, cos, sin)
         if keep is not None:
             keep.append((k, v))
-        a = kernels.causal_attention(q, k, v, cu_seqlens, max_seqlen, past).flatten(1)  # (T, nh * hd), before o_proj
+        a = ops.causal_attention(q, k, v, cu_seqlens, max_seqlen, past).flatten(1)  # (T, nh * hd), before o_proj
         del q, k, v  # not held while the output is computed (a pass's peak memory)
         if rows is not None:
             a, x = a[rows], x[rows]
@@ -146,7 +146,7 @@ SCORE_ROWS = 512  # query rows per score matrix in materialized_attention: (512,
 
 
 def materialized_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None):
-    """`kernels.attention` without a causal mask, each head's scores materialized in q's dtype: for each
+    """`ops.attention` without a causal mask, each head's scores materialized in q's dtype: for each
     sequence, head and SCORE_ROWS queries, S = (q * scale) k^T as one matmul, softmax(S) in place, then S v.
     This is how transformers' eager attention computes, scores rounded to q's dtype before the softmax; the
     flash kernel keeps them in fp32. On CPU it is about 1.5x faster over a 2,976-patch page (torch's flash
@@ -170,9 +170,9 @@ def materialized_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=
 
 class FastVisionBlock(nn.Module):
     """`VisionBlock` in row-wise chunks, with fused epilogues and the two weight rewrites above; its
-    attention `kernels.attention` or another function of the same signature (materialized_attention)."""
+    attention `ops.attention` or another function of the same signature (materialized_attention)."""
 
-    def __init__(self, block: VisionBlock, make: MakeLinear, attention=kernels.attention):
+    def __init__(self, block: VisionBlock, make: MakeLinear, attention=ops.attention):
         super().__init__()
         self.norm1, self.norm2, self.attn, self.mlp = block.norm1, block.norm2, block.attn, block.mlp
         self.attention = attention
@@ -202,7 +202,7 @@ class FastVisionBlock(nn.Module):
         return self.mlp.fc2.add(self.mlp.fc1.silu(self.norm2(x)), x)
 
 
-def apply(tower: nn.Module, make: MakeLinear, vision_attention=kernels.attention) -> int:
+def apply(tower: nn.Module, make: MakeLinear, vision_attention=ops.attention) -> int:
     """Put every decoder layer or vision block of `tower` (a Decoder or a VisionTower) in its fast form, and
     the vision tower's patch embedding and merger on `make`'s linears; the number of blocks replaced (0 when
     the tower is in its fast form already). The vision blocks attend with `vision_attention`."""

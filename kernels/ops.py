@@ -22,7 +22,7 @@ _TRITON = {"attention_triton": ".triton_attention", "attention_with_past_triton"
 
 def __getattr__(name):
     if name in _TRITON:
-        fn = getattr(importlib.import_module(_TRITON[name], __name__), name)
+        fn = getattr(importlib.import_module(_TRITON[name], __package__), name)
         globals()[name] = fn  # later lookups find it without coming here
         return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

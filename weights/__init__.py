@@ -1,1 +1,0 @@
-"""Reading, checking, fetching and making jina-reranker-m0 checkpoints."""
