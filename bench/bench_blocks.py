@@ -40,6 +40,7 @@ from bench.bench_e2e import ensure_checkpoint, matmul_tflops  # noqa: E402
 from bench.common import device_name, print_table, write_csv  # noqa: E402
 from bench.e2e_worker import make_workload  # noqa: E402
 from m0lite import Reranker  # noqa: E402
+from m0lite.reranker import resolve_dtype  # noqa: E402
 from m0lite.kernels import ops  # noqa: E402
 from m0lite.transforms import chunked  # noqa: E402
 from m0lite.transforms.chunked import rowwise  # noqa: E402
@@ -118,15 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder (default: the cached full-size random one)")
     ap.add_argument("--out-dir", type=Path, default=None, help="where the CSV goes (default: bench/results)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="default: the CPU's exact dtype, as the reranker picks it (bf16 only where it is native)")
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
     folder = opts.ckpt or ensure_checkpoint(quick=False)
-    rr = Reranker.from_pretrained(folder, dtype=torch.bfloat16)
+    dtype = opts.dtype or ("bf16" if resolve_dtype(None, torch.device("cpu")) == torch.bfloat16 else "fp32")
+    rr = Reranker.from_pretrained(folder, dtype=dtype)
     packed = rr.pack()
     for tower in (rr.model.model, rr.model.visual):  # without packing (no native bf16): the fast form unpacked
         chunked.apply(tower, PlainLinear)
-    roof = matmul_tflops("bf16", opts.threads)
-    print(f"{device_name()}, {opts.threads} threads, torch {torch.__version__}, bf16; packed: {', '.join(packed) or 'none'}; "
+    roof = matmul_tflops(dtype, opts.threads)
+    print(f"{device_name()}, {opts.threads} threads, torch {torch.__version__}, {dtype}; packed: {', '.join(packed) or 'none'}; "
           f"dense 2048^3 matmul: {roof:.2f} TFLOP/s")
 
     # A middle layer and block: the last decoder layer computes only the score token's rows.

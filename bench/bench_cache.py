@@ -22,7 +22,7 @@ import torch
 
 from m0lite import Reranker
 from m0lite.config import ModelConfig, TextConfig, VisionConfig
-from m0lite.reranker import cpu_has_native_bf16
+from m0lite import cpu
 from m0lite.fixtures.random_checkpoint import FULL_CONFIG, write_random_checkpoint
 
 QUICK = ModelConfig(text=TextConfig(num_hidden_layers=6, hidden_size=512, intermediate_size=1536, num_attention_heads=4,
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    dtype = args.dtype or ("bf16" if cpu_has_native_bf16() else "fp32")
+    dtype = args.dtype or ("bf16" if cpu.native_bf16() else "fp32")
     label = "quick (6 layers, hidden 512)" if args.quick else "full Qwen2-VL-2B dimensions"
     ckpt = Path(args.checkpoint) if args.checkpoint else Path.home() / ".cache/m0lite" / f"bench-{'quick' if args.quick else 'full'}-bf16"
     if not (ckpt / "config.json").exists():

@@ -14,11 +14,12 @@ options `pack_weights`, `quantize` and `compile`.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import transforms
+from . import cpu, transforms
 from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
 from .errors import InputError
@@ -27,7 +28,6 @@ from .memory import trim_heap
 from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
 from .transforms import int8
-from .transforms.onednn import cpu_flags
 
 # Packing a tower's weights (transforms.pack_weights) costs a one-time copy of its weights and makes every
 # later pass faster (bench/RESULTS.md has both). So, as one rents skis until the rent would have bought them,
@@ -39,20 +39,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls then run several times faster than fp32 (without, far slower)."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+class EmulatedBF16Warning(UserWarning):
+    """bf16 asked for on a CPU that has no bf16 matmul instructions: it runs, far slower than fp32."""
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """None picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    """None picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere. bf16 asked for on a CPU that
+    emulates it runs, with an EmulatedBF16Warning (every interface loads through here)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu.native_bf16() else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        resolved = dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        resolved = DTYPES[dtype.lower().removeprefix("torch.")]
+    else:
+        raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    if resolved == torch.bfloat16 and device.type == "cpu" and not cpu.native_bf16():
+        warnings.warn(
+            f"{resolved} asked for on a CPU without native bf16 ({' or '.join(cpu.NATIVE_BF16)} missing: "
+            f"{cpu.describe()}): its matmuls are emulated here, tens of times slower than float32. Use float32 "
+            "(the default on this CPU: same scores, exact), or quantize='int8' (--quantize int8) for the lean "
+            "mode's speed and memory.", EmulatedBF16Warning, stacklevel=3)
+    return resolved
 
 
 def resolve_device(device) -> torch.device:
@@ -119,7 +127,7 @@ class Reranker:
         if quantize not in (None, "int8"):
             raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
         folder = resolve(name_or_path)
-        model = load_model(folder, resolve_dtype(dtype, dev), dev)
+        model = load_model(folder, resolve_dtype(dtype, dev), dev, quantize=bool(quantize))
         if quantize or int8.is_quantized(model):
             if compile:
                 raise InputError("compile=True does not take an int8 model; choose one")

@@ -43,10 +43,10 @@ def test_an_empty_document_is_scored(tiny_reranker):
 
 
 def test_default_dtype_follows_the_cpu(tiny_ckpt):
-    from m0lite.reranker import cpu_has_native_bf16
+    from m0lite import cpu
 
     rr = Reranker.from_pretrained(tiny_ckpt)
-    assert rr.model.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert rr.model.dtype == (torch.bfloat16 if cpu.native_bf16() else torch.float32)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(dtype="int8"), "unknown dtype"), (dict(device="tpu"), "device"),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from m0lite import InputError, Reranker, WeightsError
+from m0lite import InputError, Reranker, WeightsError, cpu
 from m0lite.cli import main
 from m0lite.transforms import int8
 from m0lite.transforms.chunked import FastDecoderLayer
@@ -165,7 +165,7 @@ def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", int8_compute="dynamic")
     rr.pack()
     assert all(block.attention is materialized_attention for block in rr.model.visual.blocks)
-    exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, pack_weights=True)
+    exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     if exact.pack():  # bf16 packing needs native bf16 on this CPU
         assert all(block.attention is ops.attention for block in exact.model.visual.blocks)
 
@@ -219,16 +219,17 @@ def test_rows_quantise_within_their_range_without_a_clamp(dtype, bits):
 
 
 def test_round_trip_is_bit_identical(tiny_ckpt, quantized_ckpt, tmp_path):
+    # In the CPU's own dtype (bf16 where native, else fp32): quantised from the file's values either way.
     pairs = [[QUERY, d] for d in DOCS]
-    at_load = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8")
-    from_file = Reranker.from_pretrained(quantized_ckpt, dtype=torch.bfloat16)
+    at_load = Reranker.from_pretrained(tiny_ckpt, quantize="int8")
+    from_file = Reranker.from_pretrained(quantized_ckpt)
     assert from_file.quantized
     assert at_load.compute_score(pairs) == from_file.compute_score(pairs)
     images = [[QUERY, {"image": page(8)}]]
     assert at_load.compute_score(images) == from_file.compute_score(images)
     again = save_quantized(quantized_ckpt, tmp_path / "again")  # an int8 checkpoint saves as it is
     assert load_file(str(again / "model.safetensors")).keys() == load_file(str(quantized_ckpt / "model.safetensors")).keys()
-    assert Reranker.from_pretrained(again, dtype=torch.bfloat16).compute_score(pairs) == from_file.compute_score(pairs)
+    assert Reranker.from_pretrained(again).compute_score(pairs) == from_file.compute_score(pairs)
 
 
 def test_quantized_file_is_about_half(tiny_ckpt, quantized_ckpt):
@@ -316,7 +317,7 @@ print(json.dumps({"compute": rr.int8_compute, "bits": int8.activation_bits(), "u
 """
 
 
-@pytest.mark.skipif(not HAS_ONEDNN_INT8 or "avx2" not in int8.cpu_flags(), reason="needs oneDNN's int8 kernels and AVX2")
+@pytest.mark.skipif(not HAS_ONEDNN_INT8 or "avx2" not in cpu.flags(), reason="needs oneDNN's int8 kernels and AVX2")
 def test_without_vnni_activations_take_7_bits_and_stay_exact(tiny_ckpt, tiny_reranker):
     """Without VNNI or AMX, oneDNN adds pairs of u8 x s8 products in int16 with saturation: full-range codes
     come out wrong there, so the lean mode measures it at load and quantises activations to 7 bits."""

@@ -722,6 +722,19 @@ def test_tei_truncate_false_refuses_what_the_model_would_cut():
         assert c.post("/v1/rerank", json={"query": "q", "documents": body["texts"]}).status_code == 200
 
 
+def test_tei_honours_top_n():
+    # litellm's TEI provider sends top_n and cuts nothing itself.
+    with client() as c:
+        body = {"query": "q", "texts": ["a", "bb", "ccc", "dddd"]}
+        everything = c.post("/rerank", json=body).json()
+        assert len(everything) == 4
+        for key in ("top_n", "top_k"):
+            r = c.post("/rerank", json={**body, key: 2})
+            assert r.status_code == 200 and r.json() == everything[:2], r.text
+        assert c.post("/rerank", json={**body, "top_n": 0}).json() == everything
+        assert c.post("/rerank", json={**body, "top_n": -1}).status_code == 422
+
+
 def test_tiny_model_scores_equal_rank_in_every_dialect(tiny_reranker):
     docs = DEMO_DOCUMENTS
     ranked = tiny_reranker.rank(QUERY, docs)

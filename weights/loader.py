@@ -104,11 +104,33 @@ def read_checkpoint(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
     return out
 
 
-def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> JinaReranker:
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The float dtype most of a checkpoint's tensors (by count of elements) are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for t, _ in read_checkpoint(folder).values():
+        if t.dtype in FLOAT_DTYPES:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.bfloat16
+
+
+def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+               quantize: bool = False) -> JinaReranker:
+    """quantize: build the int8 layers (transforms/int8.py) and quantise each of their weights as it is read,
+    from the file's own values, so that peak memory is the int8 model plus one weight's fp32 copy and the
+    codes are those `m0lite quantize` writes. A checkpoint that is int8 already loads as it is."""
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
-    model = meta_model(cfg, is_quantized_checkpoint(folder))  # no memory: every tensor is assigned below
+    stored_int8 = is_quantized_checkpoint(folder)
+    model = meta_model(cfg, stored_int8)  # no memory: every tensor is assigned below
     expected = expected_tensors(cfg, model)
+    at_load, mapped_as_is = {}, set()
+    if quantize and not stored_int8:
+        # The decoder's weights are quantised as they are read (name -> rotated; each `weight_scale` is made
+        # beside its weight). The vision tower's stay the file's mapped tensors, unread, until its first pass
+        # quantises them (int8.prepare): a text-only process never reads them.
+        at_load = int8.quantized_weights(model.model, "model.")
+        mapped_as_is = set(int8.quantized_weights(model.visual, "visual."))
+        int8.quantize(model.model)
     kinds = {n: p.dtype for n, p in model.state_dict().items()}
     files = read_checkpoint(folder)
     missing = sorted(set(expected) - set(files))
@@ -122,6 +144,13 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     for name, (t, path) in files.items():
         if tuple(t.shape) != expected[name]:
             raise WeightsError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if name in at_load and t.dtype in FLOAT_DTYPES:
+            state[name], state[name + "_scale"] = (x.to(device) for x in int8.quantize_weight(t, at_load[name]))
+            release_mapped_pages(t, mapped)  # read once: only the int8 copy is read from now on
+            continue
+        if name in mapped_as_is and t.dtype in FLOAT_DTYPES:
+            state[name] = t.to(device)
+            continue
         if kinds[name] == torch.int8:
             if t.dtype != torch.int8:
                 raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected int8 (quantization_config)")

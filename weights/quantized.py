@@ -20,17 +20,19 @@ from m0lite.errors import WeightsError
 from m0lite.transforms import int8
 
 from .hub import resolve
-from .loader import load_model, to_checkpoint, weight_files
+from .loader import checkpoint_dtype, load_model, to_checkpoint, weight_files
 
 
-def save_quantized(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Quantise checkpoint `src` (a folder or hub id) into folder `dst`; returns dst."""
+def save_quantized(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Quantise checkpoint `src` (a folder or hub id) into folder `dst`; returns dst. The tensors that stay
+    float keep the source's dtype unless `dtype` says otherwise: then loading dst in any dtype gives the
+    model that `quantize="int8"` gives from src, bit for bit (both quantise from the file's values)."""
     folder, dst = resolve(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise WeightsError(f"{dst}: output folder exists and is not empty")
-    model = load_model(folder, dtype)
-    int8.quantize(model.model)  # a no-op on a checkpoint that is int8 already
-    int8.quantize(model.visual)
+    dtype = dtype or checkpoint_dtype(folder)
+    model = load_model(folder, dtype, quantize=True)  # int8 already: loaded as it is
+    int8.quantize(model.visual)  # what the tower's first pass would do (a no-op on an int8 checkpoint)
     dst.mkdir(parents=True, exist_ok=True)
     skip = {"config.json", "model.safetensors.index.json", *(f.name for f in weight_files(folder))}
     for f in folder.iterdir():

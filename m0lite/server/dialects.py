@@ -10,7 +10,8 @@
                                  max_chunks_per_doc in the body)
     /v2/rerank       cohere-v2   as cohere-v1                    as cohere-v1, api_version 2
     /rerank          tei         {query, texts, raw_scores,      [{index, score, text?}] best first
-                                 return_text, truncate=false}
+                                 return_text, truncate=false,
+                                 top_n (litellm sends it)}
                                  (told apart by `texts`)
     /score           vllm-score  {text_1, text_2}: one query to  {id, object: list, created, model,
     /v1/score                    many, or pairwise                data: [{index, object: score, score}],
@@ -88,7 +89,8 @@ def _tei_task(req: TEIRerankRequest) -> Task:
         raise DialectError("truncation_direction: only 'Right' is supported (the model keeps a document's start)")
     docs = list(req.texts)
     return Task(pairs=[(req.query, d) for d in docs], wheres=[("query", f"texts[{i}]") for i in range(len(docs))],
-                documents=docs, return_documents=req.return_text, raw_scores=req.raw_scores, truncate=req.truncate)
+                documents=docs, top_n=req.top_n, return_documents=req.return_text, raw_scores=req.raw_scores,
+                truncate=req.truncate)
 
 
 def _score_task(req: ScoreRequest) -> Task:

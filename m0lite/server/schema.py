@@ -190,6 +190,11 @@ def _model_field():
     return Field(None, description="Accepted for compatibility and otherwise ignored: the server scores with its one model.")
 
 
+def _top_n_field():
+    return Field(None, ge=0, validation_alias=AliasChoices("top_n", "top_k"),
+                 description="Return only the best top_n results (all when absent or 0). Alias: top_k.")
+
+
 class RerankFields(BaseModel):
     """What Jina's and Cohere's rerank requests share."""
 
@@ -198,10 +203,7 @@ class RerankFields(BaseModel):
     model: Model = _model_field()
     query: Query
     documents: Annotated[list[Input], BeforeValidator(_parse_documents)] = Field(min_length=1)
-    top_n: TopN = Field(
-        None, ge=0, validation_alias=AliasChoices("top_n", "top_k"),
-        description="Return only the best top_n results (all when absent or 0). Alias: top_k.",
-    )
+    top_n: TopN = _top_n_field()
     return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
         True, description="Echo each document in its result: {'text': ...} or {'image': src as given}."
     )
@@ -260,6 +262,9 @@ class TEIRerankRequest(BaseModel):
     truncate: Annotated[bool, BeforeValidator(_bool("truncate"))] = Field(
         False, description="Cut texts the model cannot read whole; when false such a text is refused (413).")
     truncation_direction: Annotated[Literal["Right", "Left"], BeforeValidator(_parse_direction)] = "Right"
+    # Not in TEI's own schema, but clients that speak it send it (litellm's TEI provider) and cut nothing
+    # themselves: honoured as in the Jina shape.
+    top_n: TopN = _top_n_field()
 
 
 def _parse_side(name: str):

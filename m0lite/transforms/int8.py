@@ -53,11 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu
 from ..errors import InputError
 from ..memory import LookupPages, file_mappings, release_mapped_pages
 from . import chunked
 from .epilogue import EpilogueLinear
-from .onednn import CHUNK_ROWS, cpu_flags
+from .onednn import CHUNK_ROWS
 
 # The linears whose input is rotated (see the module docstring), by name in their MLP; R's block size and the
 # bits of its signs (bit i set: row i negated), a fixed pattern that is no row of H.
@@ -161,6 +162,18 @@ def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residu
     return y.mul_(row_scale) if bias is None else torch.addcmul(bias, y, row_scale, out=y)
 
 
+def quantize_weight(w: torch.Tensor, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 codes (out, in) and fp32 scales (out,): symmetric per output channel,
+    a row's largest |w| -> 127. rotated: W R / block is what is quantised (ROTATED). Computed in fp32 from
+    the weight's own values, whatever the model's dtype, so that a weight quantised at load and one read
+    from `m0lite quantize`'s checkpoint are the same codes; one fp32 copy of one weight at a time."""
+    w = w.detach().to(torch.float32, copy=True)  # divided in place below
+    if rotated:  # W R / block: x R times it is x W^T
+        w = rotate(w).div_(rotation_block(w.shape[1]))
+    scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(EpilogueLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
                  rotated: bool = False):
@@ -174,13 +187,10 @@ class Int8Linear(EpilogueLinear):
 
     @classmethod
     def quantized(cls, lin: nn.Linear, rotated: bool = False) -> "Int8Linear":
-        w = lin.weight.detach().to(torch.float32, copy=True)  # (out, in); divided in place below
-        if rotated:  # W R / block: x R times it is x W^T
-            w = rotate(w).div_(rotation_block(lin.in_features))
-        scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device, rotated)
-        q.weight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        q.weight_scale = scale
+        # The bias keeps its dtype: the weight may still be the file's own tensor (the loader's vision tower).
+        dtype = lin.weight.dtype if lin.bias is None else lin.bias.dtype
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype, lin.weight.device, rotated)
+        q.weight, q.weight_scale = quantize_weight(lin.weight, rotated)
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return q
@@ -299,10 +309,8 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def quantized(cls, emb: nn.Module) -> "Int8Embedding":
-        w = emb.weight.detach()
-        q = cls(w.shape[0], w.shape[1], w.device)
-        q.weight_scale = w.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
-        q.weight = w.float().div_(q.weight_scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        q = cls(*emb.weight.shape, emb.weight.device)
+        q.weight, q.weight_scale = quantize_weight(emb.weight)  # one scale per token
         return q
 
     def forward(self, ids):
@@ -321,6 +329,15 @@ def _linears(tower: nn.Module):
         for name, child in parent.named_children():
             if isinstance(child, (nn.Linear, Int8Linear)):
                 yield parent, name, child
+
+
+def quantized_weights(tower: nn.Module, prefix: str = "") -> dict[str, bool]:
+    """Weight name (prefix + the tower's own name) -> rotated, of every weight `quantize(tower)` makes int8."""
+    names = {m: f"{prefix}{name}." if name else prefix for name, m in tower.named_modules()}
+    out = {f"{names[parent]}{name}.weight": name in ROTATED for parent, name, _ in _linears(tower)}
+    if hasattr(tower, "embed_tokens"):
+        out[f"{prefix}embed_tokens.weight"] = False
+    return out
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -353,7 +370,7 @@ def quantize(tower: nn.Module) -> None:
 def int8_unit() -> str | None:
     """The first of INT8_UNITS this CPU has that oneDNN multiplies with here (its /proc/cpuinfo name), or None:
     "avx2" (vpmaddubsw, in AVX2 and AVX-512 alike) where the activations take 7 bits, whatever the CPU has."""
-    units = [unit for unit in INT8_UNITS if unit in cpu_flags()]
+    units = [unit for unit in INT8_UNITS if unit in cpu.flags()]
     return next((unit for unit in units if activation_bits() != 7 or unit == "avx2"), None)
 
 

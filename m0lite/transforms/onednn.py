@@ -13,28 +13,18 @@ fp32), well inside bf16 noise. This is for bf16 on CPUs with native bf16 (`packa
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
+from .. import cpu
 from .epilogue import EpilogueLinear
 
 CHUNK_ROWS = 256  # rows per matmul in the fast layers (chunked.py), which the blocked layout is tuned for
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        return frozenset(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return frozenset()
-
-
 def packable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU can run `OneDNNLinear` for this device and dtype."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or dtype != torch.bfloat16 or not cpu.native_bf16() or not torch.backends.mkldnn.is_available():
         return False
     try:  # private ops (inductor's CPU path uses them): a torch build without them just runs the plain math
         ops = torch.ops.mkldnn

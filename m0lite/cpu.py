@@ -1,0 +1,76 @@
+"""What this CPU can do, as one fact: its feature flags, less those masked with M0LITE_CPU_ISA.
+
+Everything in m0lite that depends on the CPU (the default dtype, whether bf16 weights are packed for
+oneDNN, the int8 unit and code width) asks `flags()` or `native_bf16()`, never /proc/cpuinfo itself.
+`M0LITE_CPU_ISA` makes a richer CPU behave as a poorer one, so that tests and benchmarks check every kind
+of CPU m0lite's users have on whatever machine they run:
+
+  M0LITE_CPU_ISA=avx2    as an AVX2-only CPU (most rented AMD EPYC and older Intel): no AVX-512, no VNNI,
+                         no native bf16, no AMX
+  M0LITE_CPU_ISA=avx512  as AVX-512 before Cooper Lake (Skylake-SP): no VNNI, no native bf16, no AMX
+
+Masking the flags alone would only change m0lite's choices, not the arithmetic under them, so the same
+variable caps oneDNN and MKL (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) unless those are set already.
+Both libraries read their variable at their first matmul: m0lite/__init__.py imports this module before
+torch, and a subprocess inherits the variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Per level: the flag prefixes it drops, and the caps it sets for oneDNN and MKL.
+LEVELS = {
+    "avx2": (("avx512", "amx", "avx_vnni"), "AVX2", "AVX2"),
+    "avx512": (("avx512_bf16", "avx512_vnni", "avx512_fp16", "amx", "avx_vnni"), "AVX512_CORE", "AVX512"),
+}
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bf16 matmuls in hardware; without them torch emulates bf16
+
+
+def level() -> str | None:
+    """The masked level (a key of LEVELS), or None when the CPU is taken as it is."""
+    value = os.environ.get("M0LITE_CPU_ISA", "").strip().lower()
+    if value in ("", "native"):
+        return None
+    if value not in LEVELS:
+        raise ValueError(f"M0LITE_CPU_ISA must be one of {', '.join(LEVELS)} or native, got {value!r}")
+    return value
+
+
+def _cap_libraries() -> None:
+    if (name := level()) is not None:
+        _, onednn, mkl = LEVELS[name]
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", onednn)
+        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", mkl)
+
+
+_cap_libraries()
+
+
+@functools.cache
+def flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo names; empty elsewhere), less the masked ones."""
+    try:
+        found = frozenset(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return frozenset()
+    name = level()
+    return found if name is None else frozenset(f for f in found if not f.startswith(LEVELS[name][0]))
+
+
+def native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls then run several times faster than fp32 (without, far slower)."""
+    return bool(flags() & set(NATIVE_BF16))
+
+
+def describe() -> str:
+    """The CPU as benchmarks and logs name it: model, and any mask or library cap in force."""
+    model = "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    caps = [f"{k}={os.environ[k]}" for k in ("M0LITE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if os.environ.get(k)]
+    return model + (f" [{', '.join(caps)}]" if caps else "")
