@@ -3,9 +3,14 @@
 Providers (same inputs, each checked against the twin):
   twin         ops.attention_torch: SDPA called once per packed sequence
   sdpa-padded  one SDPA call over the batch padded to the longest sequence, as the
-               transformers reference runs it (key-padding mask when bidirectional)
+               transformers reference runs it (key-padding mask when bidirectional); torch
+               picks the backend
+  sdpa-flash, sdpa-cudnn, sdpa-efficient
+               the same call with one backend forced (torch.nn.attention.sdpa_kernel), kv heads
+               repeated as transformers' repeat_kv does; CUDA only; a backend that refuses the
+               inputs (e.g. flash with a padding mask) is reported unavailable
   torch-varlen torch.nn.attention.varlen.varlen_attn (flash varlen), if this torch has it; CUDA only
-  triton       ops.attention_triton; CUDA only
+  triton       ops.attention_triton, the tile from its table; CUDA only
 TFLOP/s counts useful FLOPs only: 4*d*heads per (query, key) pair, and only the
 L(L+1)/2 visible pairs when causal; padding work is not credited. The peak is the
 measured dense matmul rate in the same dtype.
@@ -28,8 +33,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DECODER = dict(n_heads=12, n_kv_heads=2, head_dim=128, causal=True)   # Qwen2-VL-2B language model
 VISION = dict(n_heads=16, n_kv_heads=16, head_dim=80, causal=False)   # Qwen2-VL-2B vision tower
-# Triton tile sweep (BLOCK_M, BLOCK_N, num_warps, num_stages) for --sweep.
-SWEEP = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)]
+# Triton tile sweep (BLOCK_M, BLOCK_N, num_warps, num_stages) for --sweep: the table's tiles and neighbours.
+SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3),
+         (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
+SWEEP_WORKLOADS = [("decoder 8x1024", DECODER, [1024] * 8), ("decoder 1x8192", DECODER, [8192]),
+                   ("vision 4 small", VISION, [256, 324, 400, 576]), ("vision 2x3136", VISION, [3136, 3136])]
 
 
 def workloads(quick):
@@ -43,7 +51,8 @@ def workloads(quick):
     else:
         dec = [512, 1024, 2048, 4096, 8192, 16384]
         vis = [256, 1024, 3136]
-        packed = [("decoder 8x256", DECODER, [256] * 8), ("decoder 32 mixed", DECODER, mixed),
+        packed = [("decoder 8x256", DECODER, [256] * 8), ("decoder 8x1024", DECODER, [1024] * 8),
+                  ("decoder 8x2048", DECODER, [2048] * 8), ("decoder 32 mixed", DECODER, mixed),
                   ("vision 4 small", VISION, [256, 324, 400, 576]), ("vision 2x3136", VISION, [3136, 3136])]
     return ([(f"decoder 1x{n}", DECODER, [n]) for n in dec] + [(f"vision 1x{n}", VISION, [n]) for n in vis]
             + packed)
@@ -89,6 +98,19 @@ def providers(q, k, v, cu, lens, causal):
         "sdpa-padded": (sdpa_padded, "unpad"),
     }
     if CUDA:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        group = q.shape[1] // k.shape[1]
+        kr, vr = kp.repeat_interleave(group, 1), vp.repeat_interleave(group, 1)  # transformers' repeat_kv
+
+        def forced(backend):
+            def fn():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qp, kr, vr, attn_mask=mask, is_causal=causal)
+            return fn
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            out[f"sdpa-{name}"] = (forced(backend), "unpad")
         try:
             from torch.nn.attention.varlen import varlen_attn
 
@@ -147,10 +169,12 @@ def run(args):
 
 
 def sweep(args):
-    """Time each Triton tile config on a decoder and a vision workload (CUDA only)."""
+    """Time each Triton tile config on short and long decoder and vision workloads (CUDA only);
+    `table` marks the tile the launcher picks by itself."""
+    from m0lite.kernels.triton_attention import pick_config
     dtype = DTYPES[args.dtype or "bf16"]
     rows = []
-    for name, cfg, lens in [("decoder 1x4096", DECODER, [4096]), ("vision 2x3136", VISION, [3136, 3136])]:
+    for name, cfg, lens in SWEEP_WORKLOADS:
         q, k, v, cu = make_inputs(lens, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
         ref = ops.attention_torch(q, k, v, cu, max(lens), cfg["causal"]).float()
         flops = attention_flops(lens, cfg["n_heads"], cfg["head_dim"], cfg["causal"])
@@ -161,10 +185,12 @@ def sweep(args):
             except Exception as e:  # e.g. out of shared memory
                 print(f"  {name} {config}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                 continue
-            ms = time_ms(fn, args.quick)[0]
-            rows.append(dict(workload=name, provider="triton", config="x".join(map(str, config)), ms=ms,
-                             tflops=flops / ms / 1e9, max_err=err, ok=err <= TOL[dtype]))
-    print_table(rows, ["workload", "config", "ms", "tflops", "max_err", "ok"],
+            ms = time_ms(fn, True)[0]  # short timing: many configs
+            chosen = config == pick_config(cfg["head_dim"], cfg["causal"], dtype, max(lens))
+            rows.append(dict(workload=name, provider="triton", config="x".join(map(str, config)), table=chosen,
+                             ms=ms, tflops=flops / ms / 1e9, max_err=err, ok=err <= TOL[dtype]))
+        del q, k, v
+    print_table(rows, ["workload", "config", "table", "ms", "tflops", "max_err", "ok"],
                 title="Triton tile sweep (BLOCK_M x BLOCK_N x num_warps x num_stages)")
     write_csv("attention-sweep", rows, args.out)
 

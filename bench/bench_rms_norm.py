@@ -5,11 +5,11 @@ Providers (same inputs, each checked against the twin):
            are separate kernels)
   compile  torch.compile(ops.rms_norm_torch); the compile cache is reset per
            hidden size so hidden stays static (rows become dynamic after the first size)
-  triton   ops.rms_norm_triton, one pass; CUDA only
+  triton   ops.rms_norm_triton, one pass, rows a program from its pick_config; CUDA only
 GB/s counts the bytes a single pass must move: read x (+ residual), write y (+ h),
 read the weight. The peak is the measured bandwidth of a large copy_.
 
-usage: python bench/bench_rms_norm.py [--quick] [--dtype bf16|fp16|fp32] [--no-compile] [--out DIR]
+usage: python bench/bench_rms_norm.py [--quick] [--dtype bf16|fp16|fp32] [--no-compile] [--sweep] [--out DIR]
 """
 
 import argparse
@@ -24,6 +24,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 EPS = 1e-6
+# (BLOCK_ROWS, num_warps) for --sweep, at the largest row counts.
+SWEEP = [(1, 8), (2, 8), (4, 4), (4, 8), (8, 8), (16, 8)]
 
 
 def workloads(quick):
@@ -82,12 +84,38 @@ def run(args):
     return not bad
 
 
+def sweep(args):
+    """Time each (BLOCK_ROWS, num_warps) on the fused-add norm at 65536 rows (CUDA only); `table`
+    marks the one the launcher picks by itself."""
+    from m0lite.kernels.triton_rms_norm import pick_config
+    dtype = DTYPES[args.dtype or "bf16"]
+    rows = []
+    for hidden, n in ((1536, 65536), (1280, 65536)):
+        x, r = (torch.randn(n, hidden, device=DEVICE, dtype=dtype) for _ in range(2))
+        w = torch.randn(hidden, device=DEVICE, dtype=dtype)
+        ref = ops.rms_norm_torch(x, w, EPS, r)
+        moved = 4 * x.numel() * x.element_size() + w.numel() * w.element_size()
+        for config in SWEEP:
+            call = lambda: ops.rms_norm_triton(x, w, EPS, r, config=config)  # noqa: E731
+            ok = all(torch.allclose(a.float(), b.float(), **TOL[dtype]) for a, b in zip(call(), ref))
+            ms = time_ms(call, True)[0]
+            rows.append(dict(workload=f"fused-add {n}x{hidden}", provider="triton", config="x".join(map(str, config)),
+                             table=config == pick_config(hidden, n), ms=ms, gbs=moved / ms / 1e6, ok=ok))
+    print_table(rows, ["workload", "config", "table", "ms", "gbs", "ok"],
+                title="Triton RMSNorm sweep (BLOCK_ROWS x num_warps)")
+    write_csv("rms_norm-sweep", rows, args.out)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timing (under ~2 minutes on CPU)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--sweep", action="store_true", help="also sweep Triton rows-a-program configs (CUDA only)")
     p.add_argument("--out", help="CSV directory (default bench/results)")
     args = p.parse_args()
     no_gpu_banner("bench_rms_norm")
-    raise SystemExit(0 if run(args) else 1)
+    ok = run(args)
+    if args.sweep and CUDA:
+        sweep(args)
+    raise SystemExit(0 if ok else 1)

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .reference import attention_torch, attention_with_past_torch, rms_norm_torch
+from .reference import Past, attention_torch, attention_with_past_torch, rms_norm_torch
 
 # The Triton kernels load on first use: importing triton is a large part of start-up, which a CPU-only process
 # (running the torch twins) should not pay at start-up.
@@ -32,13 +32,20 @@ def _triton(name):
     return globals().get(name) or __getattr__(name)
 
 
-__all__ = ["cu_seqlens", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
+__all__ = ["Past", "cu_seqlens", "packed_past", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
            "attention_with_past_torch", "rms_norm_triton", "attention_triton", "attention_with_past_triton"]
 
 
 def cu_seqlens(lengths: list[int], device=None) -> torch.Tensor:
     """The kernels' sequence boundaries: int32 (len(lengths) + 1,) offsets, 0 first."""
     return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+
+
+def packed_past(past: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence caches (layers, 2, P_i, n_kv_heads, d) -> all of them side by side,
+    (layers, 2, sum P_i, n_kv_heads, d), and their int32 offsets: one copy per forward, after which
+    layer l's prefixes are `Past(kv[l, 0], kv[l, 1], offsets)`, views."""
+    return torch.cat(past, dim=2), cu_seqlens([p.shape[2] for p in past], past[0].device)
 
 
 def _use_triton(x):
@@ -62,15 +69,15 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
     return fn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
-def attention_with_past(q, k, v, cu_seqlens, past, scale=None):
-    """Causal attention of each sequence over `past[i]` = (k, v) of its cached prefix, then itself."""
+def attention_with_past(q, k, v, cu_seqlens, max_seqlen, past, scale=None):
+    """Causal attention of each sequence over its cached prefix (`past`, a `Past`), then itself."""
     fn = _triton("attention_with_past_triton") if _use_triton(q) else attention_with_past_torch
-    return fn(q, k, v, cu_seqlens, past, scale)
+    return fn(q, k, v, cu_seqlens, max_seqlen, past, scale)
 
 
 def causal_attention(q, k, v, cu_seqlens, max_seqlen, past=None):
     """The decoder's attention: causal within each sequence, after its cached prefix's keys/values if
-    `past` (one (k, v) per sequence) is given."""
+    `past` (a `Past`) is given."""
     if past is None:
         return attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
-    return attention_with_past(q, k, v, cu_seqlens, past)
+    return attention_with_past(q, k, v, cu_seqlens, max_seqlen, past)

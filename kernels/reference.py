@@ -4,8 +4,18 @@ They are the model's CPU path and the oracle the kernel tests compare against,
 so they follow the transformers Qwen2 code exactly (dtype casts included).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class Past(NamedTuple):
+    """The cached prefixes of a ragged batch: k, v (prefix tokens, n_kv_heads, d), packed side by side;
+    sequence i's prefix is rows cu_seqlens[i]:cu_seqlens[i+1] (int32, batch+1), possibly none."""
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor
 
 
 def rms_norm_torch(x, weight, eps, residual=None):
@@ -44,19 +54,20 @@ def attention_torch(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
     return out
 
 
-def attention_with_past_torch(q, k, v, cu_seqlens, past, scale=None):
+def attention_with_past_torch(q, k, v, cu_seqlens, max_seqlen, past, scale=None):
     """Causal attention of each sequence's tokens over its cached prefix and itself (the document cache).
 
     q: (total, n_heads, d); k, v: (total, n_kv_heads, d), sequences delimited by cu_seqlens as in
-    `attention_torch`; past[i] = (k, v) of shape (P_i, n_kv_heads, d), the keys and values of the
-    P_i tokens that come before sequence i. Query j of sequence i sees all P_i past keys and its own
-    keys 0..j. Returns (total, n_heads, d) in q's dtype.
+    `attention_torch`; past: a `Past`, whose rows past.cu_seqlens[i]:past.cu_seqlens[i+1] of past.k,
+    past.v, (P_i, n_kv_heads, d), are the keys and values of the P_i tokens that come before
+    sequence i. Query j of sequence i sees all P_i past keys and its own keys 0..j. `max_seqlen` is
+    unused here (the Triton launcher sizes its grid with it). Returns (total, n_heads, d) in q's dtype.
     """
     out = q.new_empty(q.shape)  # row-major, as attention_torch
-    bounds = cu_seqlens.tolist()
-    for (s, e), (pk, pv) in zip(zip(bounds[:-1], bounds[1:]), past):
-        n, p = e - s, pk.shape[0]
-        ks, vs = torch.cat([pk, k[s:e]]), torch.cat([pv, v[s:e]])
+    bounds, past_bounds = cu_seqlens.tolist(), past.cu_seqlens.tolist()
+    for s, e, ps, pe in zip(bounds[:-1], bounds[1:], past_bounds[:-1], past_bounds[1:]):
+        n, p = e - s, pe - ps
+        ks, vs = torch.cat([past.k[ps:pe], k[s:e]]), torch.cat([past.v[ps:pe], v[s:e]])
         mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
         o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
                                            attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != q.shape[1])

@@ -1,8 +1,10 @@
 """Fused RMSNorm (optionally with the residual add before it) in Triton.
 
-One program normalises one row: the whole row sits in registers, so x is read
+One program normalises BLOCK_ROWS rows: each row sits whole in registers, so x is read
 once and y written once; with a residual, h = x + residual is also written once,
-which saves the separate add kernel and its extra round trip through memory.
+which saves the separate add kernel and its extra round trip through memory. Several
+rows per program keep each thread busy with a few vector loads per row without
+launching one small program per row.
 """
 
 import torch
@@ -12,36 +14,48 @@ from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
-def _rms_norm_fwd(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
-                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_fwd(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_rows, n_cols, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Row i: h = x[i] (+ r[i], rounded to x's dtype); y[i] = w * (h * rsqrt(mean(h**2) + eps)).
 
     Statistics are in fp32; the normalised row is rounded to x's dtype before the
-    multiply by w, as transformers' Qwen2RMSNorm does.
+    multiply by w, as transformers' Qwen2RMSNorm does. Grid: cdiv(n_rows, BLOCK_ROWS).
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols  # BLOCK is the next power of two >= n_cols
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)  # BLOCK is the next power of two >= n_cols
     # Elementwise math is done in fp32 and rounded back explicitly: it matches torch,
     # which also computes fp16/bf16 adds in fp32, and it keeps the interpreter honest
     # (its bf16 arithmetic is wrong).
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (h + r).to(X.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)  # masked lanes are 0: they add nothing
-    y = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, w * y, mask=mask)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)  # masked lanes are 0: they add nothing
+    y = (h * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], w[None, :] * y, mask=mask)
 
 
-def rms_norm_triton(x, weight, eps, residual=None):
+def pick_config(n_cols, n_rows):
+    """(BLOCK_ROWS, num_warps) for rows of n_cols: up to 8K elements a program (4 rows of 1536 or
+    1280, padded to 2048) over 8 warps, at most 32 fp32 values a thread; fewer rows a program when
+    there are too few rows for two programs per SM (132 SMs on an H200)."""
+    block = triton.next_power_of_2(n_cols)
+    rows = max(1, min(8192 // block, 16))
+    while rows > 1 and triton.cdiv(n_rows, rows) < 264:
+        rows //= 2
+    return rows, min(max(block * rows // 256, 1), 8)
+
+
+def rms_norm_triton(x, weight, eps, residual=None, *, config=None):
     """Triton RMSNorm over the last dim of x (..., hidden); see `rms_norm_torch` for the math.
 
     Returns y, or (y, x + residual) when `residual` is given. y has the dtype of
-    `weight * x` (torch's promotion), h has x's dtype.
+    `weight * x` (torch's promotion), h has x's dtype. `config` = (BLOCK_ROWS, num_warps)
+    overrides the choice of `pick_config`, for benchmark sweeps.
     """
     n = x.shape[-1]
     if weight.shape != (n,):
@@ -63,13 +77,13 @@ def rms_norm_triton(x, weight, eps, residual=None):
         h = torch.empty_like(x)
         h2 = h.view(-1, n)
 
-    block = triton.next_power_of_2(n)
-    # Enough warps that each thread holds a handful of elements (4-8 for 1536/1280).
-    num_warps = min(max(block // 256, 1), 16)
-    if x2.shape[0] > 0:
-        _rms_norm_fwd[(x2.shape[0],)](
-            x2, r2, weight, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+    n_rows = x2.shape[0]
+    block_rows, num_warps = config or pick_config(n, n_rows)
+    if n_rows > 0:
+        _rms_norm_fwd[(triton.cdiv(n_rows, block_rows),)](
+            x2, r2, weight, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), n_rows, n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=triton.next_power_of_2(n),
+            num_warps=num_warps)
     return y if residual is None else (y, h)
 
 

@@ -71,7 +71,7 @@ class Attention(nn.Module):
         return apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None):
-        """(T, hidden) -> (T, hidden). `past`: per sequence (k, v) to attend to before its tokens;
+        """(T, hidden) -> (T, hidden). `past`: an `ops.Past`, each sequence's keys/values to attend to before its tokens;
         `keep`: a list to append this layer's (k, v) to."""
         T = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # (T, nh, hd)
@@ -109,8 +109,8 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, past, keep)
         if rows is not None:
             x, a = x[rows], a[rows]
-        h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a, n = norm(h): one kernel on CUDA
+        return h + self.mlp(n)
 
     def kv(self, x, cos, sin):
         """This layer's rotated keys and values of rows x, without its output (`Decoder.prefill`)."""
@@ -131,8 +131,10 @@ class Decoder(nn.Module):
         """Embeddings (tokens, hidden) -> final-norm hidden state of each sequence's last token
         (batch, hidden). `past`: per sequence, the (layers, 2, P, nkv, hd) keys and values of its prefix."""
         last = cu_seqlens[1:].long() - 1
+        if past is not None:
+            kv, cu_past = ops.packed_past(past)  # every layer's prefixes side by side, copied once
         for i, layer in enumerate(self.layers):
-            layer_past = None if past is None else [(p[i, 0], p[i, 1]) for p in past]
+            layer_past = None if past is None else ops.Past(kv[i, 0], kv[i, 1], cu_past)
             # The score reads only the last token of each sequence; the last layer computes nothing else.
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, layer_past, rows=last if i == len(self.layers) - 1 else None)
         return self.norm(h)

@@ -101,9 +101,9 @@ def check_attention(lens, n_heads, n_kv_heads, head_dim, causal, dtype, scale=No
     torch.testing.assert_close(out.cpu().float(), ref, **ATTN_TOL[dtype])
 
 
-def check_rms_norm(shape, dtype, residual, weight_dtype=None, seed=0):
+def check_rms_norm(shape, dtype, residual, weight_dtype=None, seed=0, config=None):
     x, w, r = norm_inputs(shape, dtype, residual, seed, DEVICE, weight_dtype)
-    got = ops.rms_norm_triton(x, w, 1e-6, r)
+    got = ops.rms_norm_triton(x, w, 1e-6, r, config=config and tuple(config))
     want = ops.rms_norm_torch(x.cpu(), w.cpu(), 1e-6, None if r is None else r.cpu())
     if residual:
         (got, got_h), (want, want_h) = got, want
@@ -131,16 +131,15 @@ def check_dispatch_forces_triton():
             os.environ["M0LITE_KERNELS"] = before
 
 
-def check_attention_with_past(lens, past_lens, n_heads, n_kv_heads, head_dim, dtype, seed=0):
+def check_attention_with_past(lens, past_lens, n_heads, n_kv_heads, head_dim, dtype, seed=0, config=None):
     """The document cache's attention: each sequence over its cached prefix's keys/values, then itself."""
     q, k, v, cu = packed_qkv(lens, n_heads, n_kv_heads, head_dim, dtype, seed, DEVICE)
     _, pk, pv, pcu = packed_qkv(past_lens, n_heads, n_kv_heads, head_dim, dtype, seed + 1, DEVICE)
-    bounds = pcu.tolist()
-    past = [(pk[s:e], pv[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
-    out = ops.attention_with_past_triton(q, k, v, cu, past)
+    past = ops.Past(pk, pv, pcu)
+    out = ops.attention_with_past_triton(q, k, v, cu, max(lens), past, config=config and tuple(config))
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref = ops.attention_with_past_torch(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(),
-                                            [(a.cpu().float(), b.cpu().float()) for a, b in past])
+    ref = ops.attention_with_past_torch(*(t.cpu().float() for t in (q, k, v)), cu.cpu(), max(lens),
+                                        ops.Past(pk.cpu().float(), pv.cpu().float(), pcu.cpu()))
     torch.testing.assert_close(out.cpu().float(), ref, **ATTN_TOL[dtype])
 
 
@@ -202,8 +201,10 @@ def run_check():
 
 LENS = [[1], [7], [64], [123], [131], [300], [131, 7, 300, 1, 64, 123]]
 # (n_heads, n_kv_heads, head_dim): the decoder's GQA with a group of 3 (not a power of
-# two) and the vision tower's head_dim 80 (padded to 128), with few heads to stay quick.
+# two) and the vision tower's head_dim 80 (a 64 + 16 split), with few heads to stay quick;
+# the tile tests add head_dim 64.
 HEADS = [(3, 1, 128), (2, 2, 80)]
+RAGGED = [131, 7, 1, 123]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -218,7 +219,7 @@ def test_attention_kernel(run_check, lens, heads, causal, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_kernel_real_heads(run_check, dtype):
     """The real head layouts: decoder 12 q / 2 kv heads (group 6), d=128, causal; vision 16/16, d=80."""
-    lens = [131, 7, 300, 64]
+    lens = [131, 7, 1, 64]
     run_check("check_attention", lens=lens, n_heads=12, n_kv_heads=2, head_dim=128, causal=True, dtype=dtype)
     run_check("check_attention", lens=lens, n_heads=16, n_kv_heads=16, head_dim=80, causal=False, dtype=dtype)
 
@@ -232,23 +233,52 @@ def test_attention_kernel_strided_and_scaled(run_check):
               dtype="fp32", scale=0.3)
 
 
-@pytest.mark.parametrize("config", [(32, 32, 4, 1), (128, 64, 8, 3), (64, 16, 4, 2)], ids=lambda c: "x".join(map(str, c)))
+def table_tiles():
+    """Every tile the launcher may pick on its own (the Hopper table, fp32's, the interpreter's),
+    and two more the benchmark sweep may: BLOCK_M == BLOCK_N small, and BLOCK_M = 4 * BLOCK_N."""
+    from m0lite.kernels import triton_attention as ta  # the kernels import triton: only here
+    return sorted({*ta._HALF.values(), ta.FP32, ta.INTERPRET, (32, 32, 4, 1), (64, 16, 4, 2)})
+
+
+@pytest.mark.parametrize("config", table_tiles(), ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-def test_attention_kernel_other_tiles(run_check, config, causal):
-    """Tile shapes the benchmark sweep may pick: BLOCK_M == BLOCK_N, and BLOCK_M = 4 * BLOCK_N."""
-    run_check("check_attention", lens=[131, 7, 300, 1, 64, 123], n_heads=3, n_kv_heads=1, head_dim=80,
-              causal=causal, dtype="fp16", config=config)
+def test_attention_kernel_tiles(run_check, config, causal):
+    """Each tile over odd ragged lengths, for every head_dim split (128, 64 + 16, 64)."""
+    for n_heads, n_kv_heads, head_dim in [(2, 1, 128), (1, 1, 80), (1, 1, 64)]:
+        run_check("check_attention", lens=RAGGED, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                  causal=causal, dtype="fp16", config=config)
+
+
+@pytest.mark.parametrize("config", table_tiles(), ids=lambda c: "x".join(map(str, c)))
+def test_attention_with_past_kernel_tiles(run_check, config):
+    run_check("check_attention_with_past", lens=[131, 1, 64], past_lens=[70, 0, 129], n_heads=6, n_kv_heads=2,
+              head_dim=128, dtype="bf16", config=config)
+    run_check("check_attention_with_past", lens=[5, 123], past_lens=[200, 1], n_heads=2, n_kv_heads=2,
+              head_dim=80, dtype="fp16", config=config)
+
+
+def test_attention_table_covers_every_call():
+    """Every (head_dim, causal, dtype, length) finds a tile, the short bucket takes 64-row tiles
+    and BLOCK_M is a multiple of BLOCK_N everywhere."""
+    from m0lite.kernels import triton_attention as ta
+    for d in (16, 64, 72, 80, 96, 128, 256):
+        for causal in (True, False):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for n in (1, 512, ta.SHORT, ta.SHORT + 1, 16384):
+                    bm, bn, _, _ = ta.pick_config(d, causal, dtype, n)
+                    assert bm % bn == 0
+                    if dtype != torch.float32 and d <= 128 and n <= ta.SHORT:
+                        assert bm == 64
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lens,past_lens", [([1, 7], [40, 0]), ([131, 5, 64], [3, 200, 77])],
-                         ids=["short", "mixed"])
+@pytest.mark.parametrize("lens,past_lens", [([1, 7], [40, 0]), ([131, 5, 64], [3, 200, 77]), ([9, 123], [0, 0]),
+                                            ([1, 0, 33], [64, 5, 1])], ids=["short", "mixed", "no-prefix", "empty-seq"])
 def test_attention_with_past_kernel(run_check, lens, past_lens, dtype):
     """Cached prefixes of any length (none, shorter or longer than a tile) before new tokens."""
-    run_check("check_attention_with_past", lens=lens, past_lens=past_lens, n_heads=6, n_kv_heads=2,
-              head_dim=128, dtype=dtype)
-    run_check("check_attention_with_past", lens=lens, past_lens=past_lens, n_heads=2, n_kv_heads=2,
-              head_dim=80, dtype=dtype)
+    for n_heads, n_kv_heads, head_dim in [(6, 2, 128), (2, 2, 80), (2, 1, 64)]:
+        run_check("check_attention_with_past", lens=lens, past_lens=past_lens, n_heads=n_heads,
+                  n_kv_heads=n_kv_heads, head_dim=head_dim, dtype=dtype)
 
 
 def test_attention_with_past_twin_is_attention_over_the_whole(dtype="fp32"):
@@ -259,9 +289,10 @@ def test_attention_with_past_twin_is_attention_over_the_whole(dtype="fp32"):
     bounds = cu.tolist()
     rest = [(s + p, e) for (s, e), p in zip(zip(bounds[:-1], bounds[1:]), split)]
     idx = torch.cat([torch.arange(s, e) for s, e in rest])
-    past = [(k[s:s + p], v[s:s + p]) for s, p in zip(bounds[:-1], split)]
+    pidx = torch.cat([torch.arange(s, s + p) for s, p in zip(bounds[:-1], split)])
+    past = ops.Past(k[pidx], v[pidx], ops.cu_seqlens(split))
     cu_rest = ops.cu_seqlens([e - s for s, e in rest])
-    got = ops.attention_with_past_torch(q[idx], k[idx], v[idx], cu_rest, past)
+    got = ops.attention_with_past_torch(q[idx], k[idx], v[idx], cu_rest, max(e - s for s, e in rest), past)
     torch.testing.assert_close(got, whole[idx], atol=1e-5, rtol=1e-5)
 
 
@@ -283,6 +314,20 @@ def test_rms_norm_kernel(run_check, hidden, residual, dtype):
     run_check("check_rms_norm", shape=[3, 5, hidden], dtype=dtype, residual=residual)
 
 
+@pytest.mark.parametrize("config", [(2, 4), (4, 8), (16, 8)], ids=lambda c: "{}rows_{}warps".format(*c))
+def test_rms_norm_kernel_rows_per_program(run_check, config):
+    """Several rows a program, with a last program only partly filled (7 and 37 rows)."""
+    run_check("check_rms_norm", shape=[7, 1536], dtype="bf16", residual=True, config=config)
+    run_check("check_rms_norm", shape=[37, 1280], dtype="fp32", residual=False, config=config)
+    run_check("check_rms_norm", shape=[5, 1000], dtype="fp16", residual=True, config=config)
+
+
+def test_rms_norm_config_choice():
+    from m0lite.kernels import triton_rms_norm as tr
+    assert tr.pick_config(1536, 65536) == (4, 8) and tr.pick_config(1280, 16384) == (4, 8)
+    assert tr.pick_config(1536, 1)[0] == 1
+
+
 def test_rms_norm_kernel_mixed_dtypes_and_edge_rows(run_check):
     # An fp32 weight over bf16 activations gives an fp32 result (torch's promotion).
     run_check("check_rms_norm", shape=[4, 1536], dtype="bf16", residual=True, weight_dtype="fp32")
@@ -299,34 +344,22 @@ def test_rms_norm_kernel_many_rows_cuda():
 @pytest.mark.skipif(CUDA, reason="the CUDA tests compile the kernels for the real device")
 def test_kernels_compile_for_hopper():
     """The interpreter never compiles. Lower the kernels to sm_90 machine code (no GPU
-    needed), so that what only the compiler rejects shows up on a CPU-only machine too."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
+    needed), so that what only the compiler rejects shows up on a CPU-only machine too:
+    the decoder's and the vision tower's bf16 tiles (with a prefix for the decoder), and
+    RMSNorm. bench/lower_sm90.py lowers every config and reports registers and spills."""
     attention_module = importlib.import_module("m0lite.kernels.triton_attention")
-    rms_module = importlib.import_module("m0lite.kernels.triton_rms_norm")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
-
-    def lower(kernel, pointers, constexprs, **options):
-        names = kernel.arg_names
-        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("eps", "qk_scale") else "i32")
-               for n in names}
-        # Pointers and ints divisible by 16, as the launcher's real arguments are specialised.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] in "*i"}
-        src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in constexprs.items()}, attrs=attrs)
-        return compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-    qkvo = {n: "*bf16" for n in ("Q", "K", "V", "Out")}
-    for constexprs, tiles in [
-        (dict(GROUP=6, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True), attention_module._CONFIGS["half"]),   # decoder
-        (dict(GROUP=1, HEAD_DIM=80, BLOCK_D=128, CAUSAL=False), attention_module._CONFIGS["half"]),   # vision
-    ]:
-        block_m, block_n, num_warps, num_stages = tiles
-        lower(attention_module._attn_fwd, {**qkvo, "cu_seqlens": "*i32", "cu_seqlens_k": "*i32"},
-              dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, DOT_PRECISION="tf32"),
-              num_warps=num_warps, num_stages=num_stages)
-    lower(rms_module._rms_norm_fwd, {n: "*bf16" for n in "XRWYH"}, dict(HAS_RESIDUAL=True, BLOCK=2048), num_warps=8)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        lower_sm90 = importlib.import_module("lower_sm90")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cases = [c for c in lower_sm90.attention_cases(quick=True) if "d128 causal" in c[0] or "d80 bidir" in c[0]]
+    cases += list(lower_sm90.rms_cases(quick=True))[:1]
+    for label, kernel, pointers, constexprs, options in cases:
+        regs, spill_stores, _, _ = lower_sm90.resources(lower_sm90.lower(kernel, pointers, constexprs, **options))
+        assert spill_stores == 0, f"{label}: {regs} registers, {spill_stores} bytes of spill stores"
 
 
 # ---------------------------------------------------------------- twins vs naive formulas
