@@ -32,20 +32,13 @@ def _triton(name):
     return globals().get(name) or __getattr__(name)
 
 
-__all__ = ["Past", "cu_seqlens", "packed_past", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
+__all__ = ["Past", "cu_seqlens", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
            "attention_with_past_torch", "rms_norm_triton", "attention_triton", "attention_with_past_triton"]
 
 
 def cu_seqlens(lengths: list[int], device=None) -> torch.Tensor:
     """The kernels' sequence boundaries: int32 (len(lengths) + 1,) offsets, 0 first."""
     return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
-
-
-def packed_past(past: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence caches (layers, 2, P_i, n_kv_heads, d) -> all of them side by side,
-    (layers, 2, sum P_i, n_kv_heads, d), and their int32 offsets: one copy per forward, after which
-    layer l's prefixes are `Past(kv[l, 0], kv[l, 1], offsets)`, views."""
-    return torch.cat(past, dim=2), cu_seqlens([p.shape[2] for p in past], past[0].device)
 
 
 def _use_triton(x):

@@ -190,16 +190,18 @@ def _attn_fwd(Q, K, V, Out, cu_seqlens, PK, PV, cu_past, qk_scale,
 # Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on Hopper, by (head-dim tile
 # width, causal, length bucket). BLOCK_M must be a multiple of BLOCK_N (the causal split).
 # Short sequences (max_seqlen <= SHORT: rerank documents, small images) take 64-row query
-# tiles, so a batch of them still makes enough programs to fill every SM; long ones take
-# 128-row tiles, which reuse each K/V block for twice as many queries.
+# tiles, so a batch of them still makes enough programs to fill every SM; long causal ones take
+# 128-row tiles, which reuse each K/V block for twice as many queries. Long bidirectional ones (page
+# images, up to 3,136 patches) stay at 64x64: on an H200 it beat 128x64 and 128x128 on two pages
+# (bench/RESULTS.md, the sweep before tuning).
 SHORT = 2048
 _HALF = {
     (128, True, "short"): (64, 64, 4, 3), (128, True, "long"): (128, 64, 8, 3),
     (128, False, "short"): (64, 64, 4, 3), (128, False, "long"): (128, 64, 8, 3),
     (80, True, "short"): (64, 64, 4, 3), (80, True, "long"): (128, 64, 8, 3),
-    (80, False, "short"): (64, 64, 4, 3), (80, False, "long"): (128, 128, 8, 2),
+    (80, False, "short"): (64, 64, 4, 3), (80, False, "long"): (64, 64, 4, 3),
     (64, True, "short"): (64, 64, 4, 3), (64, True, "long"): (128, 64, 8, 3),
-    (64, False, "short"): (64, 64, 4, 3), (64, False, "long"): (128, 128, 8, 2),
+    (64, False, "short"): (64, 64, 4, 3), (64, False, "long"): (64, 64, 4, 3),
 }
 # fp32 runs exact (non-tensor-core) products, which need far more registers: small
 # tiles keep the spills small; fp32 is for tests, not speed. The interpreter gets fixed

@@ -131,10 +131,12 @@ class Decoder(nn.Module):
         """Embeddings (tokens, hidden) -> final-norm hidden state of each sequence's last token
         (batch, hidden). `past`: per sequence, the (layers, 2, P, nkv, hd) keys and values of its prefix."""
         last = cu_seqlens[1:].long() - 1
-        if past is not None:
-            kv, cu_past = ops.packed_past(past)  # every layer's prefixes side by side, copied once
+        if past is not None:  # the prefixes' offsets, known on the host: no device read per layer
+            cu_past = ops.cu_seqlens([p.shape[2] for p in past], h.device)
         for i, layer in enumerate(self.layers):
-            layer_past = None if past is None else ops.Past(kv[i, 0], kv[i, 1], cu_past)
+            # This layer's prefixes side by side (one copy a layer, freed after it, as the twin's own copies).
+            layer_past = None if past is None else ops.Past(torch.cat([p[i, 0] for p in past]),
+                                                            torch.cat([p[i, 1] for p in past]), cu_past)
             # The score reads only the last token of each sequence; the last layer computes nothing else.
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, layer_past, rows=last if i == len(self.layers) - 1 else None)
         return self.norm(h)
