@@ -173,6 +173,7 @@ def main() -> None:
         from tests.reference import Reference
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         holder = {}
 
         def make_ref():
