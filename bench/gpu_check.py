@@ -291,6 +291,7 @@ def main() -> None:
             driver.say("no CUDA device: nothing more to check (--dry-run runs the steps on a CPU)")
             break
     driver.wait(background, stop=True)  # (already done unless e2e never ran)
+    shutil.rmtree(ckpt.parent, ignore_errors=True)  # 4 GiB at full size
     text = summary([*steps[:1], background, *steps[1:]], res)
     (res / "summary.txt").write_text(text)
     driver.say(text)
