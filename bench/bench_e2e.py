@@ -63,17 +63,24 @@ def quick_config():
 
 def ensure_checkpoint(quick: bool) -> Path:
     """A random bf16 checkpoint in the published layout, written once into the cache."""
-    folder = CACHE / ("bench-quick-bf16" if quick else "bench-full-bf16")
+    from m0lite.fixtures.random_checkpoint import FULL_CONFIG
+
+    return write_checkpoint(CACHE / ("bench-quick-bf16" if quick else "bench-full-bf16"), quick_config() if quick else FULL_CONFIG)
+
+
+def write_checkpoint(folder: Path, config, dtype: str = "bf16") -> Path:
+    """A random checkpoint of `config` in the published layout at `folder`, unless one is there already
+    (written beside it, then renamed: a folder that exists is complete)."""
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     import torch
 
-    from m0lite.fixtures.random_checkpoint import FULL_CONFIG, write_random_checkpoint
+    from m0lite.fixtures.random_checkpoint import write_random_checkpoint
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"writing a random checkpoint to {folder} (once; the full one takes a minute or two, ~10 GB RAM)", file=sys.stderr)
-    write_random_checkpoint(tmp, quick_config() if quick else FULL_CONFIG, seed=0, dtype=torch.bfloat16)
+    write_random_checkpoint(tmp, config, seed=0, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     os.replace(tmp, folder)
     return folder
 

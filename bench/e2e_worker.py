@@ -158,8 +158,6 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
             score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
         return score, desc
 
-    import torch
-
     from tests.reference import Reference
     import transformers
 
@@ -172,18 +170,21 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
     def score(pairs, qt, dt):
         return [sigmoid_shifted(s) for s in ref.raw_scores(pairs, batch_size=bs, query_type=qt, doc_type=dt)]
 
-    def sizes(pairs, qt, dt):
-        """Prompt tokens per pair, patches per image, and the tokens the padded batches process."""
-        lengths, patches, padded = [], [], 0
-        for i in range(0, len(pairs), bs):
-            batch = ref.inputs(pairs[i:i + bs], query_type=qt, doc_type=dt)
-            padded += batch["input_ids"].numel()
-            lengths += batch["attention_mask"].sum(1).tolist()
-            patches += [t * h * w for t, h, w in batch.get("image_grid_thw", torch.zeros(0, 3)).tolist()]
-        return {"prompt_tokens": lengths, "image_patches": patches, "processed_tokens": padded}
-
-    score.sizes = sizes
+    score.sizes = lambda pairs, qt, dt: reference_sizes(ref, pairs, qt, dt, bs)
     return score, desc
+
+
+def reference_sizes(ref, pairs, qt: str, dt: str, batch_size: int) -> dict:
+    """Prompt tokens per pair, patches per image, and the tokens the reference's padded batches process."""
+    import torch
+
+    lengths, patches, padded = [], [], 0
+    for i in range(0, len(pairs), batch_size):
+        batch = ref.inputs(pairs[i:i + batch_size], query_type=qt, doc_type=dt)
+        padded += batch["input_ids"].numel()
+        lengths += batch["attention_mask"].sum(1).tolist()
+        patches += [t * h * w for t, h, w in batch.get("image_grid_thw", torch.zeros(0, 3)).tolist()]
+    return {"prompt_tokens": lengths, "image_patches": patches, "processed_tokens": padded}
 
 
 def main() -> None:

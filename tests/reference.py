@@ -41,9 +41,11 @@ KEY_MAPPING = {r"^visual\.": "model.visual.", r"^model\.(?!visual\.|language_mod
 
 
 class Reference:
-    def __init__(self, folder: str | Path, dtype=torch.float32, min_pixels=3136, max_pixels=602112):
+    def __init__(self, folder: str | Path, dtype=torch.float32, min_pixels=3136, max_pixels=602112, device="cpu"):
+        # Loaded on the CPU (memory-mapped), then moved: no device_map, which would need accelerate.
         self.model = JinaVLForRanking.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa",
-                                                      key_mapping=KEY_MAPPING).eval()
+                                                      key_mapping=KEY_MAPPING).eval().to(device)
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.tokenizer.padding_side = "left"
         self.image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
@@ -98,7 +100,7 @@ class Reference:
     def raw_scores(self, pairs, batch_size=8, **kw) -> list[float]:
         out = []
         for i in range(0, len(pairs), batch_size):
-            batch = self.inputs(pairs[i:i + batch_size], **kw)
+            batch = {k: v.to(self.device) for k, v in self.inputs(pairs[i:i + batch_size], **kw).items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
             out += self.model(**batch).float().tolist()
