@@ -31,7 +31,7 @@ from PIL import Image
 from .errors import ImageError, ImageTooLargeError, PdfError, PdfTooLargeError
 from .images import MAX_PIXELS, MIN_PIXELS, smart_resize
 from .images.decode import DECODE_MAX_PIXELS, DEFAULT_TIMEOUT, check_pixels, read_source
-from .images.preprocess import FACTOR
+from .images.preprocess import FACTOR, MAX_ASPECT_RATIO
 
 MAX_PDF_BYTES = 64 * 2**20  # as an image file (images/source.py's DEFAULT_MAX_BYTES)
 MAX_PDF_PAGES = 1000  # pages rendered of one PDF: the work a document costs is linear in it
@@ -107,6 +107,10 @@ def render_size(width_pt: float, height_pt: float, *, min_pixels: int = MIN_PIXE
     the page pictured at exactly max_pixels. Raises ImageError (empty page, aspect ratio over 200)."""
     if not (math.isfinite(width_pt) and math.isfinite(height_pt)) or width_pt <= 0 or height_pt <= 0:
         raise ImageError(f"page of {width_pt:g}x{height_pt:g} points has no area")
+    ratio = max(width_pt, height_pt) / min(width_pt, height_pt)
+    if ratio > MAX_ASPECT_RATIO:  # smart_resize would refuse it too, but in pixels of a size never rendered
+        raise ImageError(f"page of {width_pt:g}x{height_pt:g} points has aspect ratio {ratio:.4g}, over the "
+                         f"limit of {MAX_ASPECT_RATIO}")
     scale = math.sqrt(max_pixels / (width_pt * height_pt))
     height, width = smart_resize(height_pt * scale, width_pt * scale, FACTOR, min_pixels, max_pixels)
     return width, height
@@ -118,13 +122,20 @@ class PdfFile:
 
     def __init__(self, data: bytes, name: str):
         pdfium = _pdfium()
+        c = pdfium.raw
         self.name = name
         with _LOCK:
-            try:
-                self._pdf = pdfium.PdfDocument(data)
-            except pdfium.PdfiumError as e:
-                raise PdfError(f"{name}: {_load_error(e)}") from None
-            self.page_count = len(self._pdf)
+            # Opened by hand rather than by PdfDocument(data), which reads PDFium's last error also when
+            # the document opened and has no pages (the error then is an earlier document's).
+            raw = c.FPDF_LoadMemDocument64(data, len(data), None)
+            if not raw:
+                raise PdfError(f"{name}: {_load_error(c.FPDF_GetLastError())}")
+            self._data = data  # PDFium reads from this buffer while the document is open
+            self._pdf = pdfium.PdfDocument(raw)
+            self.page_count = c.FPDF_GetPageCount(raw)
+            if self.page_count < 1:
+                self._pdf.close()
+                raise PdfError(f"{name}: has no pages")
 
     def close(self) -> None:
         with _LOCK:
@@ -180,17 +191,15 @@ def _page_text(page) -> str:
         textpage.close()
 
 
-def _load_error(e) -> str:
-    """PDFium's reason a document does not open, in words."""
-    code = getattr(e, "err_code", None)
+def _load_error(code: int) -> str:
+    """PDFium's reason (FPDF_GetLastError) a document does not open, in words."""
     return {
-        0: "has no pages",  # PDFium opened it and counted none
         2: "cannot be read",
         3: "not a valid PDF (corrupt or truncated)",
         4: "is encrypted (password-protected); give an unencrypted PDF",
         5: "is encrypted with a security handler PDFium does not support",
         6: "has no readable pages",
-    }.get(code, f"cannot be opened ({e})")
+    }.get(code, f"cannot be opened (PDFium error {code})")
 
 
 def check_page_count(pages: list[int], max_pages: int, name: str) -> None:
