@@ -37,16 +37,21 @@ def is_pdf(doc) -> bool:
     return isinstance(doc, dict) and "pdf" in doc
 
 
-def check_windows(max_chunks_per_doc, chunk_overlap, max_doc_length: int) -> None:
+def check_windows(max_chunks_per_doc, chunk_overlap, max_doc_length: int) -> int:
+    """The overlap in tokens the options ask for (None: CHUNK_OVERLAP, at most a quarter of a window)."""
+    window = window_tokens(max_doc_length)
+    if chunk_overlap is None:
+        chunk_overlap = min(CHUNK_OVERLAP, window // 4)
     if max_chunks_per_doc is None:
-        return
+        return chunk_overlap
     if isinstance(max_chunks_per_doc, bool) or not isinstance(max_chunks_per_doc, int) or max_chunks_per_doc < 1:
         raise InputError(f"max_chunks_per_doc must be a positive int or None, got {max_chunks_per_doc!r}")
     if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, int) or chunk_overlap < 0:
         raise InputError(f"chunk_overlap must be a non-negative int, got {chunk_overlap!r}")
-    if chunk_overlap >= window_tokens(max_doc_length):
+    if chunk_overlap >= window:
         raise InputError(f"chunk_overlap ({chunk_overlap}) must be smaller than a window "
-                         f"({window_tokens(max_doc_length)} tokens: the document budget max_doc_length - 1)")
+                         f"({window} tokens: the document budget max_doc_length - 1)")
+    return chunk_overlap
 
 
 def window_tokens(max_doc_length: int) -> int:

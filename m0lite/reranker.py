@@ -22,7 +22,7 @@ import torch
 from . import cpu, transforms
 from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
-from .documents import (CHUNK_OVERLAP, PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
+from .documents import (PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
                         text_windows)
 from .errors import InputError, PdfError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
@@ -316,7 +316,7 @@ class Reranker:
     def _document_options(self, pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length) -> dict:
         if not isinstance(pdf_text, bool):
             raise InputError(f"pdf_text must be True or False, got {pdf_text!r}")
-        check_windows(max_chunks_per_doc, chunk_overlap, max_doc_length)
+        chunk_overlap = check_windows(max_chunks_per_doc, chunk_overlap, max_doc_length)
         return {"pdf_text": pdf_text, "max_chunks_per_doc": max_chunks_per_doc, "chunk_overlap": chunk_overlap,
                 "max_doc_length": max_doc_length}
 
@@ -359,7 +359,7 @@ class Reranker:
     def compute_score(self, pairs, batch_size: int = 8, max_length: int = 10240, max_query_length: int = 512,
                       max_doc_length: int | None = None, query_type: str = "text", doc_type: str = "text",
                       normalize_scores: bool = True, show_progress: bool = False, *, pdf_text: bool = False,
-                      max_chunks_per_doc: int | None = None, chunk_overlap: int = CHUNK_OVERLAP):
+                      max_chunks_per_doc: int | None = None, chunk_overlap: int | None = None):
         """Scores of [query, document] pairs, as the original's compute_score: one pair (a 2-list or
         2-tuple of inputs) returns a float, a list of pairs a list. A document may also be a PDF,
         {"pdf": src, "pages": "1-20"}, scored as its best page (see `rank` for pdf_text and the windows
@@ -389,7 +389,7 @@ class Reranker:
 
     def score_pairs(self, pairs, normalize: bool = True, *, max_length: int = 10240, max_query_length: int = 512,
                     batch_size: int = 32, pdf_text: bool = False, max_chunks_per_doc: int | None = None,
-                    chunk_overlap: int = CHUNK_OVERLAP, details: bool = False) -> tuple[list, list[int]]:
+                    chunk_overlap: int | None = None, details: bool = False) -> tuple[list, list[int]]:
         """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
         image (str = text; PIL image, {"text": ...} or {"image": ...}), a document also both ({"image": ...,
         "text": ...}) or a PDF ({"pdf": ...}). For servers batching many requests. A document scored in parts
@@ -414,7 +414,7 @@ class Reranker:
     def rank(self, query, documents, top_n: int | None = None, return_documents: bool = False, *,
              batch_size: int = 32, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False,
              pdf_text: bool = False, pages_as_documents: bool = False, max_chunks_per_doc: int | None = None,
-             chunk_overlap: int = CHUNK_OVERLAP) -> list[dict]:
+             chunk_overlap: int | None = None) -> list[dict]:
         """Documents (texts, images, {"image": ..., "text": ...} pairs of both, and PDFs, mixed) ranked for a
         text or image query, best first: [{"index": i, "relevance_score": s, ("document": d)}].
 
@@ -424,7 +424,7 @@ class Reranker:
         [{"page": n, "relevance_score": s}, ...] (1-based, best first). pages_as_documents=True ranks the
         pages themselves: each page is a result, {"index": i, "page": n, "relevance_score": s}.
         max_chunks_per_doc=k scores a text longer than the document budget as up to k windows of that budget,
-        consecutive windows sharing chunk_overlap tokens; the text scores as its best window, and its result
+        consecutive windows sharing chunk_overlap tokens (None: 128, at most a quarter of a window); the text scores as its best window, and its result
         says which, "window": {"start": s, "end": e} (character offsets). None keeps the one truncated text."""
         if not isinstance(documents, (list, tuple)) or not documents:
             raise InputError("documents must be a non-empty list")
