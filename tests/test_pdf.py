@@ -14,7 +14,7 @@ from m0lite import InputError, Reranker  # noqa: E402
 from m0lite.errors import PdfError, PdfTooLargeError  # noqa: E402
 from m0lite.images import MAX_PIXELS, MIN_PIXELS, preprocess, smart_resize  # noqa: E402
 from m0lite.pdf import PdfFile, parse_pages, render_pages, render_size  # noqa: E402
-from tests.pdfs import picture_pdf, text_pdf  # noqa: E402
+from m0lite.fixtures.pdfs import picture_pdf, text_pdf  # noqa: E402
 
 QUERY = "quarterly revenue table"
 A4, LETTER, SLIDE, TINY, TALL = (595, 842), (612, 792), (960, 540), (20, 30), (300, 20000)
