@@ -310,7 +310,9 @@ class Reranker:
             raw, lengths = self._score([p.pair for p in group], **kwargs)
             for p, r, n in zip(group, raw, lengths):
                 out[p.doc].append((r, p.info, n))
-            del group
+            if any(p.is_page for p in group):
+                del group, p
+                trim_heap()  # hand the pass's pages back to the system before the next pass renders its own
         return out
 
     def _document_options(self, pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length) -> dict:
