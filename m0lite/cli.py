@@ -34,7 +34,10 @@ def print_ranking(results: list[dict], documents: list, as_json: bool, query=Non
     print(f"{'rank':>4}  {'score':>8}  {'doc':>4}  document")
     for rank, r in enumerate(results, 1):
         d = documents[r["index"]]
-        text = " + ".join(([f"[image] {d['image']}"] if "image" in d else []) + ([d["text"]] if "text" in d else []))
+        text = " + ".join(([f"[pdf] {d['pdf']}"] if "pdf" in d else []) + ([f"[image] {d['image']}"] if "image" in d else [])
+                          + ([d["text"]] if "text" in d else []))
+        if "pages" in r:
+            text = "pages " + ", ".join(f"{p['page']} ({p['relevance_score']:.4f})" for p in r["pages"]) + "  " + text
         text = " ".join(text.split())
         print(f"{rank:>4}  {r['relevance_score']:8.4f}  {r['index']:>4}  {text[:80] + ('…' if len(text) > 80 else '')}")
 
@@ -62,7 +65,8 @@ def cmd_rank(args) -> None:
         raise M0liteError("give at least one document")
     query = {"image": args.query_image} if args.query_image else args.query
     rr = load_reranker(args)
-    results = rr.rank(query, documents, top_n=args.top_n, show_progress=len(documents) > 32 and not args.json)
+    results = rr.rank(query, documents, top_n=args.top_n, show_progress=len(documents) > 32 and not args.json,
+                      pdf_text=args.pdf_text, max_chunks_per_doc=args.max_chunks_per_doc)
     print_ranking(results, documents, args.json)
 
 
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-image", help="an image query: file, URL, base64 or data URI")
     p.add_argument("--top-n", type=int, default=None, help="print only the best N")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--pdf-text", action="store_true", help="score each page of a PDF with its extracted text")
+    p.add_argument("--max-chunks-per-doc", type=int, default=None, metavar="K",
+                   help="score a text longer than the model reads as up to K windows; its best window counts")
     p.add_argument("--doc-json", action="append", default=[], metavar="JSON",
                    help='a document as JSON, e.g. \'{"image": "page.png", "text": "its caption"}\' (an image and its '
                         'text together), \'{"text": "..."}\' or a JSON string; repeatable')
@@ -110,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents as JSON lines, one a line as in --doc-json ('-': standard input; image paths "
                         "from the file's folder)")
     p.add_argument("documents", nargs="*", metavar="DOC",
-                   help="text, a text file, an image file or URL; documents are numbered in the order DOCs, "
+                   help="text, a text file, an image file or URL, a .pdf file; documents are numbered in the order DOCs, "
                         "--doc-json, --docs-jsonl")
     p.set_defaults(func=cmd_rank)
 

@@ -23,3 +23,11 @@ class ImageTooLargeError(ImageError):
 
 class WeightsError(M0liteError):
     """A checkpoint is missing, corrupt, or does not match the config (names the key and file)."""
+
+
+class PdfError(InputError):
+    """A PDF cannot be read or rendered: encrypted, corrupt, no pages, a bad page (names the document and page)."""
+
+
+class PdfTooLargeError(PdfError):
+    """A PDF (bytes, pages, or a page's rendered pixels) is over a configured limit."""

@@ -47,7 +47,8 @@ def _names_missing_image_file(arg: str, path: Path) -> bool:
 
 
 def document_arg(arg: str):
-    """A DOC argument: an image URL or file becomes an image, a text file its text, anything else is text.
+    """A DOC argument: an image URL or file becomes an image, a .pdf file a PDF, a text file its text, anything
+    else is text.
     A word that names an image file (`missing.png`) must be one: a typo is an error, not a text to rank."""
     if _is_url(arg):
         parse_image_source(arg, allow_paths=False)  # a malformed URL or data URI fails here, naming itself
@@ -60,12 +61,14 @@ def document_arg(arg: str):
     if is_file:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return {"image": str(path)}
+        if path.suffix.lower() == ".pdf":
+            return {"pdf": str(path)}
         try:
             return {"text": path.read_text(encoding="utf-8")}
         except UnicodeDecodeError:
             raise M0liteError(f"{path}: not UTF-8 text and not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})") from None
-    if _names_missing_image_file(arg, path):
-        raise M0liteError(f"{arg}: no such file (a document named like an image file is read as one)")
+    if _names_missing_image_file(arg, path) or (len(arg) < 4096 and path.suffix.lower() == ".pdf" and " " not in arg):
+        raise M0liteError(f"{arg}: no such file (a document named like an image or PDF file is read as one)")
     return {"text": arg}
 
 
@@ -75,6 +78,11 @@ def json_document(value, where: str, base: Path = Path()):
     a file; the image a file (a relative path from `base`), an http(s) URL, a data URI or base64."""
     if isinstance(value, str):
         return {"text": value}
+    if isinstance(value, dict) and "pdf" in value:  # {"pdf": file, URL or base64, "pages": "1-20"}
+        if set(value) - {"pdf", "pages"} or not isinstance(value["pdf"], str):
+            raise M0liteError(f"{where}: a PDF document is {{\"pdf\": FILE_OR_URL, \"pages\": \"1-20\"}}, got keys {sorted(value)}")
+        path = base / value["pdf"]
+        return {**value, "pdf": str(path)} if len(value["pdf"]) < 4096 and path.is_file() else dict(value)
     if not isinstance(value, dict) or not value or set(value) - {"text", "image"}:
         got = f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
         raise M0liteError(f"{where}: a document is a JSON string or an object with 'text', 'image' or both, got {got}")

@@ -22,8 +22,11 @@ import torch
 from . import cpu, transforms
 from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
-from .errors import InputError
+from .documents import (PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
+                        text_windows)
+from .errors import InputError, PdfError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
+from .images.preprocess import FACTOR
 from .memory import trim_heap
 from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
@@ -84,14 +87,21 @@ class Reranker:
     def __init__(self, model: JinaReranker, tokenizer: Tokenizer, *, name: str = "jina-reranker-m0",
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, max_batch_tokens: int = 16384,
                  max_vision_patches: int = 4096, vision_cache_bytes: int = 256 * 2**20, doc_cache_bytes: int = 0,
-                 pack_weights: bool | None = None, int8_compute: str | None = None):
+                 pack_weights: bool | None = None, int8_compute: str | None = None,
+                 max_pdf_pages: int | None = None, max_pdf_bytes: int | None = None):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
         pack_weights: the CPU fast path for bf16 (transforms.pack_weights): None packs each tower once
         it has run PACK_AFTER_ROWS rows, True at once, False never. int8_compute ("dynamic" or
         "weight-only"; see from_pretrained's `quantize`): the lean mode, which puts each tower in its int8
         form before its first pass (the decoder at once), so that a text-only process never reads the
-        vision tower's weights; it takes no packing."""
+        vision tower's weights; it takes no packing. max_pdf_pages and max_pdf_bytes bound a PDF document
+        (pages to render, file size; None: m0lite.pdf's MAX_PDF_PAGES, MAX_PDF_BYTES), checked before
+        any page is rendered."""
+        from .pdf import MAX_PDF_BYTES, MAX_PDF_PAGES
+
+        self.max_pdf_pages = MAX_PDF_PAGES if max_pdf_pages is None else max_pdf_pages
+        self.max_pdf_bytes = MAX_PDF_BYTES if max_pdf_bytes is None else max_pdf_bytes
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_batch_tokens = max_batch_tokens  # tokens per forward pass (bounds activation memory)
@@ -204,6 +214,53 @@ class Reranker:
         pixels, grid = self._load(x, what)
         return Prepared(Side(grid=grid), pixels)
 
+    def _parts(self, index: int, query: Prepared, doc, kind: str | None, what: str, *, pdf_text: bool,
+               max_chunks_per_doc: int | None, chunk_overlap: int, max_doc_length: int):
+        """The parts document `doc` is scored in (documents.py): a PDF's pages, opened and counted now and
+        rendered as they are iterated; a long text's windows; else the document itself. All but a PDF's
+        pages are prepared now, so that a bad document fails before anything is scored."""
+        if is_pdf(doc):
+            return self._pdf_parts(index, query, doc, what, pdf_text)
+        text = doc if isinstance(doc, str) and kind in (None, "text") else (
+            doc["text"] if isinstance(doc, dict) and set(doc) == {"text"} else None)
+        if max_chunks_per_doc is None or text is None:
+            return [Part(index, (query, self._prepare(doc, kind, what, document=True)))]
+        check_text(text, what, allow_empty=True)
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        spans = text_windows(offsets, len(text), max_doc_length, max_chunks_per_doc, chunk_overlap)
+        return [Part(index, (query, Prepared(Side(text=text[a:b]))), {"window": {"start": a, "end": b}})
+                for a, b in spans]
+
+    def _pdf_parts(self, index: int, query: Prepared, doc: dict, what: str, pdf_text: bool):
+        from .pdf import read_pdf, render_pages
+
+        if set(doc) - {"pdf", "pages"}:
+            raise InputError(f"{what}: a PDF document is {{'pdf': src, 'pages': '1-20' (optional)}}, got keys {sorted(doc)}")
+        try:
+            data, name = read_pdf(doc["pdf"], max_bytes=self.max_pdf_bytes)
+            pages = render_pages(data, name, doc.get("pages"), max_pages=self.max_pdf_pages, min_pixels=self.min_pixels,
+                                 max_pixels=self.max_pixels, with_text=pdf_text)
+        except PdfError as e:
+            raise type(e)(f"{what}: {e}") from None
+        del data
+
+        def parts():
+            try:
+                for page in pages:
+                    where = f"{what} page {page.number}"
+                    pixels, grid = self._load(page.image, where)
+                    text = check_text(page.text, f"{where} text", allow_empty=True) if pdf_text else None
+                    yield Part(index, (query, Prepared(Side(text=text, grid=grid), pixels)), {"page": page.number}, True)
+            except PdfError as e:
+                raise type(e)(f"{what}: {e}") from None
+            finally:
+                pages.close()
+        return parts()
+
+    def _pages_per_pass(self) -> int:
+        """PDF pages rendered and held at a time: about one decoder pass of full-budget pages."""
+        return max(1, self.max_batch_tokens // max(1, self.max_pixels // (FACTOR * FACTOR)))
+
     def _load(self, src, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image source's patches and grid; errors name `what`."""
         try:
@@ -244,6 +301,27 @@ class Reranker:
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
 
+    def _score_parts(self, parts, n_docs: int, **kwargs) -> list[list[tuple[float, dict, int]]]:
+        """Each document's scored parts, (raw score, part info, prompt length) in part order. PDF pages are
+        rendered, scored and let go in groups (documents.in_passes), so that a long PDF is never held whole;
+        without PDFs all parts go to `_score` at once."""
+        out: list[list[tuple[float, dict, int]]] = [[] for _ in range(n_docs)]
+        for group in in_passes(parts, self._pages_per_pass()):
+            raw, lengths = self._score([p.pair for p in group], **kwargs)
+            for p, r, n in zip(group, raw, lengths):
+                out[p.doc].append((r, p.info, n))
+            if any(p.is_page for p in group):
+                del group, p
+                trim_heap()  # hand the pass's pages back to the system before the next pass renders its own
+        return out
+
+    def _document_options(self, pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length) -> dict:
+        if not isinstance(pdf_text, bool):
+            raise InputError(f"pdf_text must be True or False, got {pdf_text!r}")
+        chunk_overlap = check_windows(max_chunks_per_doc, chunk_overlap, max_doc_length)
+        return {"pdf_text": pdf_text, "max_chunks_per_doc": max_chunks_per_doc, "chunk_overlap": chunk_overlap,
+                "max_doc_length": max_doc_length}
+
     def _visual_tokens(self, images: list[Prepared]) -> torch.Tensor | None:
         """Visual tokens of the images, in order: from the cache, else encoded (each distinct image once)."""
         if not images:
@@ -282,9 +360,12 @@ class Reranker:
 
     def compute_score(self, pairs, batch_size: int = 8, max_length: int = 10240, max_query_length: int = 512,
                       max_doc_length: int | None = None, query_type: str = "text", doc_type: str = "text",
-                      normalize_scores: bool = True, show_progress: bool = False):
+                      normalize_scores: bool = True, show_progress: bool = False, *, pdf_text: bool = False,
+                      max_chunks_per_doc: int | None = None, chunk_overlap: int | None = None):
         """Scores of [query, document] pairs, as the original's compute_score: one pair (a 2-list or
-        2-tuple of inputs) returns a float, a list of pairs a list."""
+        2-tuple of inputs) returns a float, a list of pairs a list. A document may also be a PDF,
+        {"pdf": src, "pages": "1-20"}, scored as its best page (see `rank` for pdf_text and the windows
+        of max_chunks_per_doc)."""
         single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple))
         pairs = [pairs] if single else pairs
         if not isinstance(pairs, (list, tuple)) or not pairs:
@@ -295,45 +376,82 @@ class Reranker:
             max_doc_length = default_max_doc_length(max_length, max_query_length)
         elif max_doc_length + max_query_length > max_length:
             raise InputError(f"max_doc_length ({max_doc_length}) + max_query_length ({max_query_length}) exceeds max_length ({max_length})")
-        prepared = []
+        options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
+        streams = []
         for i, p in enumerate(pairs):
             if not isinstance(p, (list, tuple)) or len(p) != 2:
                 raise InputError(f"pairs[{i}] must be a [query, document] pair")
-            prepared.append((self._prepare(p[0], query_type, f"pairs[{i}] query", document=False),
-                             self._prepare(p[1], doc_type, f"pairs[{i}] document", document=True)))
-        raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
-                             show_progress=show_progress)
+            q = self._prepare(p[0], query_type, f"pairs[{i}] query", document=False)
+            streams.append(self._parts(i, q, p[1], doc_type, f"pairs[{i}] document", **options))
+        scored = self._score_parts((part for parts in streams for part in parts), len(pairs), batch_size=batch_size,
+                                   max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)
+        raw = [max(r for r, _, _ in parts) for parts in scored]
         scores = [self.normalize(s) for s in raw] if normalize_scores else raw
         return scores[0] if single else scores
 
     def score_pairs(self, pairs, normalize: bool = True, *, max_length: int = 10240, max_query_length: int = 512,
-                    batch_size: int = 32) -> tuple[list[float], list[int]]:
+                    batch_size: int = 32, pdf_text: bool = False, max_chunks_per_doc: int | None = None,
+                    chunk_overlap: int | None = None, details: bool = False) -> tuple[list, list[int]]:
         """Scores and prompt token counts of (query, document) pairs whose sides may each be text or
         image (str = text; PIL image, {"text": ...} or {"image": ...}), a document also both ({"image": ...,
-        "text": ...}). For servers batching many requests."""
+        "text": ...}) or a PDF ({"pdf": ...}). For servers batching many requests. A document scored in parts
+        (a PDF's pages, a long text's windows) scores as its best part and counts the tokens of all; with
+        `details`, each score is (score, [(part score, part info), ...] best first) instead."""
         max_doc_length = default_max_doc_length(max_length, max_query_length)
-        prepared = [(self._prepare(q, None, f"pairs[{i}] query", document=False),
-                     self._prepare(d, None, f"pairs[{i}] document", document=True))
-                    for i, (q, d) in enumerate(pairs)]
-        raw, lengths = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length)
-        return ([self.normalize(s) for s in raw] if normalize else raw), lengths
+        options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
+        streams = [self._parts(i, self._prepare(q, None, f"pairs[{i}] query", document=False), d, None,
+                               f"pairs[{i}] document", **options) for i, (q, d) in enumerate(pairs)]
+        scored = self._score_parts((part for parts in streams for part in parts), len(pairs), batch_size=batch_size,
+                                   max_length=max_length, max_doc_length=max_doc_length)
+        norm = self.normalize if normalize else (lambda r: r)
+        lengths = [sum(n for _, _, n in parts) for parts in scored]
+        if details:
+            out = []
+            for parts in scored:
+                ordered = best_parts([(norm(r), info) for r, info, _ in parts])
+                out.append((ordered[0][0], ordered))
+            return out, lengths
+        return [norm(max(r for r, _, _ in parts)) for parts in scored], lengths
 
     def rank(self, query, documents, top_n: int | None = None, return_documents: bool = False, *,
-             batch_size: int = 32, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False) -> list[dict]:
-        """Documents (texts, images and {"image": ..., "text": ...} pairs of both, mixed) ranked for a text
-        or image query, best first:
-        [{"index": i, "relevance_score": s, ("document": d)}]."""
+             batch_size: int = 32, max_length: int = 10240, max_query_length: int = 512, show_progress: bool = False,
+             pdf_text: bool = False, pages_as_documents: bool = False, max_chunks_per_doc: int | None = None,
+             chunk_overlap: int | None = None) -> list[dict]:
+        """Documents (texts, images, {"image": ..., "text": ...} pairs of both, and PDFs, mixed) ranked for a
+        text or image query, best first: [{"index": i, "relevance_score": s, ("document": d)}].
+
+        A PDF, {"pdf": path | URL | base64 | data URI, "pages": "1-20" (optional)}, is scored page by page
+        (each page as the image document of its rendered pixels; with pdf_text=True as the image and the
+        page's extracted text) and scores as its best page; its result carries "pages": its best pages,
+        [{"page": n, "relevance_score": s}, ...] (1-based, best first). pages_as_documents=True ranks the
+        pages themselves: each page is a result, {"index": i, "page": n, "relevance_score": s}.
+        max_chunks_per_doc=k scores a text longer than the document budget as up to k windows of that budget,
+        consecutive windows sharing chunk_overlap tokens (None: 128, at most a quarter of a window); the text scores as its best window, and its result
+        says which, "window": {"start": s, "end": e} (character offsets). None keeps the one truncated text."""
         if not isinstance(documents, (list, tuple)) or not documents:
             raise InputError("documents must be a non-empty list")
         if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
             raise InputError(f"top_n must be a positive int, got {top_n!r}")
-        q = self._prepare(query, None, "query", document=False)
-        prepared = [(q, self._prepare(d, None, f"documents[{i}]", document=True)) for i, d in enumerate(documents)]
+        if not isinstance(pages_as_documents, bool):
+            raise InputError(f"pages_as_documents must be True or False, got {pages_as_documents!r}")
         max_doc_length = default_max_doc_length(max_length, max_query_length)
-        raw, _ = self._score(prepared, batch_size=batch_size, max_length=max_length, max_doc_length=max_doc_length,
-                             show_progress=show_progress)
-        scores = [self.normalize(s) for s in raw]
-        results = [{"index": i, "relevance_score": scores[i]} for i in rank_order(scores)[:top_n]]
+        options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
+        q = self._prepare(query, None, "query", document=False)
+        streams = [self._parts(i, q, d, None, f"documents[{i}]", **options) for i, d in enumerate(documents)]
+        scored = self._score_parts((part for parts in streams for part in parts), len(documents), batch_size=batch_size,
+                                   max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)
+        if pages_as_documents:  # every part is a result
+            entries = [(i, self.normalize(r), info) for i, parts in enumerate(scored) for r, info, _ in parts]
+        else:
+            entries = []
+            for i, parts in enumerate(scored):
+                ordered = best_parts([(self.normalize(r), info) for r, info, _ in parts])
+                info = dict(ordered[0][1])
+                if is_pdf(documents[i]):
+                    info = {"pages": [{"page": p["page"], "relevance_score": s} for s, p in ordered[:PAGES_SHOWN]]}
+                entries.append((i, ordered[0][0], info))
+        results = [{"index": entries[k][0], "relevance_score": entries[k][1], **entries[k][2]}
+                   for k in rank_order([e[1] for e in entries])[:top_n]]
         if return_documents:
             for r in results:
                 r["document"] = documents[r["index"]]

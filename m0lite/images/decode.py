@@ -65,33 +65,45 @@ def load_image(
         # The reference passes PIL images to the processor as they are: no EXIF rotation.
         name = f"PIL image ({src.mode}, {src.width}x{src.height})"
         with _decoding(name, max_pixels):
-            _check_pixels(src.size, max_pixels, name)
+            check_pixels(src.size, max_pixels, name)
             return processor_rgb(src)
 
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
-        name = f"{len(data)} bytes of image data"
-        if len(data) > max_bytes:
-            raise ImageTooLargeError(f"{name}: over the limit of {max_bytes} bytes")
-    elif isinstance(src, os.PathLike):
-        name = f"file {os.fspath(src)!r}"
-        data = _read_file(Path(src), max_bytes, name)
-    elif isinstance(src, str):
-        source = parse_image_source(src, allow_paths=allow_paths, max_bytes=max_bytes)
-        name = source.name
-        if source.kind == "url":
-            data = fetch(source.value, name, timeout=timeout, max_bytes=max_bytes,
-                         allow_private_urls=allow_private_urls)
-        elif source.kind == "path":
-            data = _read_file(Path(source.value), max_bytes, name)
-        else:
-            data = source.value
-    else:
+    if not isinstance(src, (bytes, bytearray, memoryview, os.PathLike, str)):
         raise ImageError(
             f"unsupported image source of type {type(src).__name__}: expected a PIL image, a path, "
             "an http(s) URL, a base64 string, a data: URI, bytes, or {'image': ...}"
         )
+    data, name = read_source(src, timeout=timeout, max_bytes=max_bytes, allow_private_urls=allow_private_urls,
+                             allow_paths=allow_paths)
     return decode(data, name, max_pixels)
+
+
+def read_source(src, *, timeout: float, max_bytes: int, allow_private_urls: bool, allow_paths: bool,
+                noun: str = "image", recognise=None) -> tuple[bytes, str]:
+    """The encoded bytes of a file given as bytes, a path, an http(s) URL, base64 or a data URI, and how
+    errors name it; every limit of `load_image` applies. `noun` and `recognise` as in `parse_image_source`
+    (a PDF is read through here too)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        name = f"{len(data)} bytes of {noun} data"
+        if len(data) > max_bytes:
+            raise ImageTooLargeError(f"{name}: over the limit of {max_bytes} bytes")
+        return data, name
+    if isinstance(src, os.PathLike):
+        name = f"file {os.fspath(src)!r}"
+        if not allow_paths:
+            raise ImageError(f"{name}: files are not read here")
+        return read_file(Path(src), max_bytes, name), name
+    if not isinstance(src, str):
+        raise ImageError(f"unsupported {noun} source of type {type(src).__name__}: expected a path, an http(s) "
+                         "URL, a base64 string, a data: URI or bytes")
+    source = parse_image_source(src, allow_paths=allow_paths, max_bytes=max_bytes, noun=noun, recognise=recognise)
+    if source.kind == "url":
+        return fetch(source.value, source.name, timeout=timeout, max_bytes=max_bytes,
+                     allow_private_urls=allow_private_urls), source.name
+    if source.kind == "path":
+        return read_file(Path(source.value), max_bytes, source.name), source.name
+    return source.value, source.name
 
 
 def decode(data: bytes, name: str, max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
@@ -113,11 +125,11 @@ def image_size(data: bytes, name: str, max_pixels: int = DECODE_MAX_PIXELS) -> t
     """(width, height) as the header declares it, without decoding the pixels."""
     with _decoding(name, max_pixels):
         with Image.open(io.BytesIO(data), formats=_formats()) as img:
-            _check_pixels(img.size, max_pixels, name)
+            check_pixels(img.size, max_pixels, name)
             return img.size
 
 
-def _read_file(path: Path, max_bytes: int, name: str) -> bytes:
+def read_file(path: Path, max_bytes: int, name: str) -> bytes:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -142,7 +154,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Open, check the declared size, then fully decode (so truncation fails here)."""
     with _decoding(name, max_pixels):
         img = Image.open(io.BytesIO(data), formats=_formats())
-        _check_pixels(img.size, max_pixels, name)
+        check_pixels(img.size, max_pixels, name)
         img.load()
     return img
 
@@ -160,7 +172,7 @@ def _limit(max_pixels: int) -> int:
     return min(max_pixels, pillow) if pillow else max_pixels
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
+def check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
     w, h = size
     if w * h > max_pixels:
         raise ImageTooLargeError(

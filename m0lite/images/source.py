@@ -26,7 +26,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # encoded size of a file, download or base
 
 _URL_PREFIXES = ("http://", "https://")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_NOT_AN_IMAGE = "image is not an http(s) URL, a data URI or valid base64"
+_NOT_A_SOURCE = "{noun} is not an http(s) URL, a data URI or valid base64"
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,21 @@ class ImageSource:
     name: str  # how error messages name the image
 
 
-def parse_image_source(s: str, *, allow_paths: bool, max_bytes: int = DEFAULT_MAX_BYTES) -> ImageSource:
+def parse_image_source(s: str, *, allow_paths: bool, max_bytes: int = DEFAULT_MAX_BYTES, noun: str = "image",
+                       recognise=None) -> ImageSource:
     """Classify `s` and decode it where it carries the bytes itself (data URI, base64).
 
     Nothing is fetched or read here; `kind` says what the caller does next. A
     base64 payload over `max_bytes` raises `ImageTooLargeError`, anything
-    malformed `ImageError` naming the source.
+    malformed `ImageError` naming the source. `noun` and `recognise` (bytes ->
+    whether they start a file of that kind; default: an image Pillow knows)
+    let other kinds of file (a PDF) be read the same way.
     """
+    recognise = recognise or _is_image_header
     if not isinstance(s, str):
-        raise ImageError(f"image source must be a string, got {type(s).__name__}")
+        raise ImageError(f"{noun} source must be a string, got {type(s).__name__}")
     if not s.strip():
-        raise ImageError("empty string given as an image")
+        raise ImageError(f"empty string given as {'an' if noun[0] in 'aeiou' else 'a'} {noun}")
     t = s.strip()
     if t[:8].lower().startswith(_URL_PREFIXES):
         name = f"URL {shorten(redact(t))!r}"
@@ -90,14 +94,14 @@ def parse_image_source(s: str, *, allow_paths: bool, max_bytes: int = DEFAULT_MA
     except ImageTooLargeError:
         raise
     except ImageError:
-        raise ImageError(_NOT_AN_IMAGE + (path_hint if _looks_like_path(s) else "")) from None
-    if _looks_like_path(s) and not _is_image_header(data):
-        raise ImageError(_NOT_AN_IMAGE + path_hint)
+        raise ImageError(_NOT_A_SOURCE.format(noun=noun) + (path_hint if _looks_like_path(s) else "")) from None
+    if _looks_like_path(s) and not recognise(data):
+        raise ImageError(_NOT_A_SOURCE.format(noun=noun) + path_hint)
     return ImageSource("bytes", data, name)
 
 
 def _looks_like_path(s: str) -> bool:
-    # No encoded image fits in fewer than ~90 base64 chars, and '.', '\\' and '~' are not in
+    # No encoded image (nor PDF) fits in fewer than ~90 base64 chars, and '.', '\\' and '~' are not in
     # the base64 alphabet; such strings are reported as missing files rather than bad base64.
     return len(s) < 256 or any(c in s for c in ".\\~")
 

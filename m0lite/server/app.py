@@ -34,7 +34,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from m0lite.errors import ImageTooLargeError, InputError
+from m0lite.documents import PAGES_SHOWN
+from m0lite.errors import ImageTooLargeError, InputError, PdfTooLargeError
 from m0lite.images import MAX_PIXELS, MIN_PIXELS
 
 from .dialects import DIALECTS, ROUTES, DialectError, list_fields, pick, ranked, refuse_explain
@@ -44,7 +45,7 @@ from .inputs import InputLoader, LoadTimeout, RequestTooLarge, check_texts
 from .memory import Trimmer
 from .metrics import Metrics
 from .scheduler import DeadlineExceeded, Overloaded, Scheduler
-from .schema import (ErrorResponse, ImageInput, ModelCard, ModelList, RerankResponse, TextInput,
+from .schema import (ErrorResponse, ImageInput, ModelCard, ModelList, PdfInput, RerankResponse, TextInput,
                      describe_validation_error, json_type, parse_int)
 from .settings import ServerSettings
 
@@ -142,6 +143,8 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
         except RecursionError:
             raise HTTPError(422, "request nested too deeply") from None
         check_texts(task, settings)
+        if task.explain and any(isinstance(d, PdfInput) for d in task.documents):
+            raise HTTPError(422, "explain: not for PDF documents; explain a page by sending it as an image")
         deadline = request.scope.get(ARRIVAL, time.monotonic()) + settings.request_timeout
         work = asyncio.ensure_future(_score(task, deadline))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -160,14 +163,15 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
         """The task's scores (normalised unless it asks for raw ones) and token counts; with explain, its
         returned results' explanations set on it."""
         try:
-            pairs, costs, sizes = await loader.prepare(task, deadline)
+            pairs, costs, sizes, owners = await loader.prepare(task, deadline)
         except LoadTimeout:
             raise HTTPError(504, f"images not loaded within {settings.request_timeout:g} s "
                                  f"(--request-timeout)") from None
         check_occlusion(task, costs, settings.max_occlusion_parts)
         try:
-            scores, tokens = await scheduler.score(pairs, deadline, costs)
-            scores = scores if task.raw_scores else [normalize(s) for s in scores]
+            part_scores, part_tokens = await scheduler.score(pairs, deadline, costs)
+            part_scores = part_scores if task.raw_scores else [normalize(s) for s in part_scores]
+            scores, tokens = _fold(task, owners, part_scores, part_tokens)
             if task.explain:
                 shown = ranked(task, scores)
                 items = [(*pairs[i], task.explain) for i in shown]
@@ -206,6 +210,10 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def _on_too_large(request, exc: ImageTooLargeError):
         return _error(413, str(exc))
 
+    @app.exception_handler(PdfTooLargeError)
+    async def _on_pdf_too_large(request, exc: PdfTooLargeError):
+        return _error(413, str(exc))
+
     @app.exception_handler(RequestTooLarge)
     async def _on_request_too_large(request, exc: RequestTooLarge):
         return _error(413, str(exc))
@@ -238,6 +246,19 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     app.openapi = openapi
     return app
+
+
+def _fold(task, owners, part_scores, part_tokens) -> tuple[list[float], list[int]]:
+    """Scores and tokens of the task's pairs from those of the pairs scored: a PDF's score is its best page's,
+    its best pages go on the task, its tokens are all its pages'."""
+    scores, tokens = [float("-inf")] * len(task.pairs), [0] * len(task.pairs)
+    pages: dict[int, list[dict]] = {}
+    for (k, page), score, n in zip(owners, part_scores, part_tokens):
+        scores[k], tokens[k] = max(scores[k], score), tokens[k] + n
+        if page is not None:
+            pages.setdefault(k, []).append({"page": page, "relevance_score": score})
+    task.pages = {k: sorted(p, key=lambda r: -r["relevance_score"])[:PAGES_SHOWN] for k, p in pages.items()}
+    return scores, tokens
 
 
 async def _disconnected(request: Request) -> None:

@@ -58,6 +58,8 @@ class Task:
     truncate: bool = True  # False: a document the model would cut is refused (413)
     explain: str | None = None  # the method of the explanations asked for, or None
     explanations: dict[int, dict] = field(default_factory=dict)  # set after scoring: result index -> explanation
+    pdf_text: bool = False  # a PDF's pages are scored with their text
+    pages: dict[int, list[dict]] = field(default_factory=dict)  # set after scoring: a PDF's best pages, by pair index
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Dialect:
 def _rerank_task(req: CohereRerankRequest | RerankRequest) -> Task:
     docs = list(req.documents)
     return Task(pairs=[(req.query, d) for d in docs], wheres=[("query", f"documents[{i}]") for i in range(len(docs))],
-                documents=docs, top_n=req.top_n, return_documents=req.return_documents)
+                documents=docs, top_n=req.top_n, return_documents=req.return_documents, pdf_text=req.pdf_text)
 
 
 def _jina_task(req: RerankRequest) -> Task:
@@ -115,7 +117,7 @@ def ranked(task: Task, scores: list[float]) -> list[int]:
 
 
 def _echo(doc: Input) -> dict:
-    return doc.model_dump()
+    return doc.model_dump(exclude_none=True)
 
 
 def _results(task: Task, scores: list[float]) -> list[dict]:
@@ -123,6 +125,8 @@ def _results(task: Task, scores: list[float]) -> list[dict]:
     results = []
     for i in ranked(task, scores):
         result = {"index": i, "relevance_score": scores[i]}
+        if i in task.pages:
+            result["pages"] = task.pages[i]
         if task.return_documents:
             result["document"] = _echo(task.documents[i])
         if i in task.explanations:

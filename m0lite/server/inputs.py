@@ -20,17 +20,19 @@ from typing import Any
 
 from PIL import Image
 
-from m0lite.errors import ImageError, ImageTooLargeError, InputError, M0liteError
+from m0lite.errors import ImageError, ImageTooLargeError, InputError, M0liteError, PdfError, PdfTooLargeError
 from m0lite.images import MAX_PIXELS, MIN_PIXELS, parse_image_source, smart_resize
 from m0lite.images.decode import decode, image_size
 from m0lite.images.fetch import fetch
 from m0lite.images.preprocess import PATCH_SIZE, resize_for_model
+from m0lite.pdf import is_pdf_header
 from m0lite.prompt import check_text
 
 from .dialects import Task
 from .memory import ImageBudget, decode_cost
 from .scheduler import Cost
-from .schema import ImageInput, ImageTextInput, TextInput
+from .pdfs import PdfRenderer
+from .schema import ImageInput, ImageTextInput, PdfInput, TextInput
 
 BYTES_PER_TOKEN = 4  # a rough mean for byte-level BPE over mixed scripts; a token is at least one byte
 TEMPLATE_TOKENS = 12  # "**Document**:\n", "\n**Query**:\n" and the score token
@@ -86,15 +88,23 @@ class InputLoader:
         self.pool = ThreadPoolExecutor(settings.image_threads, thread_name_prefix="m0lite-image")
         gauge = metrics.image_bytes_held.set if metrics is not None else None
         self.budget = ImageBudget(int(settings.image_memory_mb * 2**20), on_change=gauge)
+        self.pdfs = PdfRenderer(settings.pdf_timeout)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pdfs.close()
 
     async def prepare(self, task: Task, deadline: float
-                      ) -> tuple[list[tuple[Any, Any]], list[Cost], list[tuple[int, int] | None]]:
-        """The task's pairs with images as model-sized PIL images, each pair's cost, and the size (width,
-        height) of each pair's document image as sent (None for a text document), for explanations."""
+                      ) -> tuple[list[tuple[Any, Any]], list[Cost], list[tuple[int, int] | None], list[tuple[int, int | None]]]:
+        """The pairs to score with images as model-sized PIL images, each pair's cost, the size (width,
+        height) of each task pair's document image as sent (None for a text document), for explanations,
+        and each pair scored's owner: (task pair index, PDF page number or None). A PDF document is
+        rendered (in the worker process) into one pair per page."""
         sides = _distinct_sides(task)
+        pdfs = {id(x): (x, where) for x, where, _ in sides if isinstance(x, PdfInput)}
+        rendered = dict(zip(pdfs, await self._run(
+            [(self._pdf, x, where, task.pdf_text) for x, where in pdfs.values()], deadline))) if pdfs else {}
+        pdf_pixels = sum(p.image.width * p.image.height for pages in rendered.values() for p in pages)
         # Each distinct source once: a request repeating one image decodes it once.
         images: dict[str, str] = {}
         for x, where, _ in sides:
@@ -104,9 +114,9 @@ class InputLoader:
         sizes: dict[str, tuple[int, int]] = {}
         if images:
             heads = await self._run([(self._head, src, where) for src, where in images.items()], deadline)
-            pixels = sum(w * h for _, _, (w, h) in heads)
+            pixels = sum(w * h for _, _, (w, h) in heads) + pdf_pixels
             if pixels > self.settings.max_request_pixels:
-                raise RequestTooLarge(f"request's images have {pixels:,} pixels in all, over the limit of "
+                raise RequestTooLarge(f"request's images and PDF pages have {pixels:,} pixels in all, over the limit of "
                                       f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
             sizes = {src: size for src, (_, _, size) in zip(images, heads)}
             jobs = [(self._decode, data, name, where, size)
@@ -122,17 +132,43 @@ class InputLoader:
                 return {"image": loaded[id(x)], "text": x.text}
             return loaded.get(id(x), x.text if isinstance(x, TextInput) else None)
 
-        pairs, costs = [], []
-        for q, d in task.pairs:
-            pairs.append((side(q), side(d)))
-            costs.append(self._cost(*pairs[-1]))
+        if pdf_pixels > self.settings.max_request_pixels:
+            raise RequestTooLarge(f"request's PDF pages have {pdf_pixels:,} pixels in all, over the limit of "
+                                  f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
+        pairs, costs, owners = [], [], []
+        for k, (q, d) in enumerate(task.pairs):
+            if isinstance(d, PdfInput):
+                docs = [({"image": p.image, "text": p.text} if task.pdf_text else p.image, p.number) for p in rendered[id(d)]]
+            else:
+                docs = [(side(d), None)]
+            for doc, page in docs:
+                pairs.append((side(q), doc))
+                costs.append(self._cost(*pairs[-1]))
+                owners.append((k, page))
         tokens = sum(c.tokens for c in costs)
         if tokens > self.settings.max_request_tokens:
             raise RequestTooLarge(f"request needs about {tokens:,} prompt tokens over its {len(pairs)} pairs "
                                   f"(text counted at {BYTES_PER_TOKEN} bytes a token, each prompt cut at "
                                   f"{self.settings.max_length}), over the limit of "
                                   f"{self.settings.max_request_tokens:,} (--max-request-tokens)")
-        return pairs, costs, [sizes.get(d.image) if isinstance(d, ImageInput) else None for _, d in task.pairs]
+        return pairs, costs, [sizes.get(d.image) if isinstance(d, ImageInput) else None for _, d in task.pairs], owners
+
+    def _pdf(self, x: PdfInput, where: str, with_text: bool) -> list:
+        """Fetch or base64-decode one PDF and render its pages in the worker process (pool thread)."""
+        s = self.settings
+        with _naming_pdf(where):
+            source = parse_image_source(x.pdf, allow_paths=False, max_bytes=s.max_pdf_bytes, noun="PDF",
+                                        recognise=is_pdf_header)
+            data = source.value if source.kind == "bytes" else fetch(
+                source.value, source.name, timeout=s.image_timeout, max_bytes=s.max_pdf_bytes,
+                allow_private_urls=s.allow_private_urls)
+            if not is_pdf_header(data):
+                raise PdfError(f"{source.name}: not a PDF (no %PDF- header in its first 1024 bytes)")
+            pages = self.pdfs.render(data, source.name, x.pages, max_pages=s.max_pdf_pages,
+                                     max_render_pixels=s.max_image_pixels, with_text=with_text, **self.bounds)
+            for p in pages if with_text else []:
+                check_text(p.text, f"page {p.number} text", allow_empty=True)
+        return pages
 
     async def _run(self, jobs: list[tuple], deadline: float) -> list:
         loop = asyncio.get_running_loop()
@@ -196,6 +232,27 @@ class InputLoader:
                     n = math.ceil(len(part.encode()) / BYTES_PER_TOKEN)
                     tokens += min(n, side_cap) if side_cap else n
         return Cost(min(tokens, self.settings.max_length), patches)
+
+
+class _naming_pdf:
+    """Errors raised while loading one PDF name it, and the flag of a limit it is over (413)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not isinstance(exc, M0liteError):
+            return False
+        msg = str(exc).replace("(max_pdf_pages)", "(--max-pdf-pages)")
+        msg = msg.replace("(decompression-bomb guard)", "(--max-image-pixels)")
+        if isinstance(exc, (ImageTooLargeError, PdfTooLargeError)):
+            if "bytes" in msg and "--max" not in msg:
+                msg += " (--max-pdf-bytes)"
+            raise PdfTooLargeError(f"{self.where}: {msg}") from None
+        raise PdfError(f"{self.where}: {msg}") from None
 
 
 class _naming:

@@ -64,6 +64,14 @@ class ImageTextInput(ImageInput):
     text: str
 
 
+class PdfInput(BaseModel):
+    """A PDF document: an http(s) URL, a data URI or bare base64, and optionally the pages to score ("1-20")."""
+
+    model_config = ConfigDict(extra="ignore")
+    pdf: str
+    pages: str | None = None
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a decoded value's type, for messages."""
     if value is None:
@@ -94,7 +102,7 @@ def _check_unicode(text: str, where: str) -> str:
 def _parse_input(value: Any, where: str, both: bool = False) -> TextInput | ImageInput:
     """One query or document, in any accepted spelling, as TextInput or ImageInput; with `both` (a
     document), {'image': ..., 'text': ...} as ImageTextInput."""
-    if isinstance(value, (TextInput, ImageInput)):
+    if isinstance(value, (TextInput, ImageInput, PdfInput)):
         return value
     if isinstance(value, str):
         return TextInput(text=_check_unicode(value, where))
@@ -106,6 +114,8 @@ def _parse_input(value: Any, where: str, both: bool = False) -> TextInput | Imag
         if not isinstance(url, str):
             raise ValueError(f"{where}: 'image_url' must be a string or {{'url': string}}")
         value = {"image": url}
+    if both and "pdf" in value:
+        return _parse_pdf(value, where)
     keys = [k for k in ("text", "image") if k in value]
     if not keys or (len(keys) == 2 and not both):
         also = " (or, for a document, both)" if both else ""
@@ -121,6 +131,21 @@ def _parse_input(value: Any, where: str, both: bool = False) -> TextInput | Imag
     if len(keys) == 2:
         return ImageTextInput(image=image, text=_check_unicode(value["text"], f"{where}.text"))
     return ImageInput(image=image)
+
+
+def _parse_pdf(value: dict, where: str) -> PdfInput:
+    if "text" in value or "image" in value:
+        raise ValueError(f"{where}: a PDF document is {{'pdf': src, 'pages': '1-20'}}; 'text' or 'image' does not go "
+                         f"with 'pdf' (send pdf_text: true to score each page with its text)")
+    if not isinstance(value["pdf"], str) or not value["pdf"].strip():
+        raise ValueError(f"{where}.pdf: expected a non-empty string (an http(s) URL, a data URI or base64), "
+                         f"got {json_type(value['pdf'])}")
+    pages = value.get("pages")
+    if isinstance(pages, int) and not isinstance(pages, bool):
+        pages = str(pages)
+    if pages is not None and not isinstance(pages, str):
+        raise ValueError(f"{where}.pages: expected a string such as '1-20' or '1,3,5-7', got {json_type(pages)}")
+    return PdfInput(pdf=_check_unicode(value["pdf"], f"{where}.pdf"), pages=pages)
 
 
 def _parse_query(value: Any) -> TextInput | ImageInput:
@@ -174,7 +199,7 @@ def _parse_model(value: Any) -> str | None:
     return value
 
 
-Input = Union[str, TextInput, ImageTextInput, ImageInput]
+Input = Union[str, TextInput, ImageTextInput, ImageInput, PdfInput]
 
 # The query as the OpenAPI schema states it: what the validator accepts, a blank text excluded.
 _NONBLANK = {"type": "string", "minLength": 1, "pattern": "\\S"}
@@ -207,6 +232,8 @@ class RerankFields(BaseModel):
     return_documents: Annotated[bool, BeforeValidator(_parse_bool)] = Field(
         True, description="Echo each document in its result: {'text': ...} or {'image': src as given}."
     )
+    pdf_text: Annotated[bool, BeforeValidator(_bool("pdf_text"))] = Field(
+        False, description="Score each page of a PDF document with its extracted text (else its image alone).")
 
 
 class RerankRequest(RerankFields):
@@ -298,7 +325,9 @@ class Usage(BaseModel):
 class RerankResult(BaseModel):
     index: int = Field(description="Position of the document in the request's list.")
     relevance_score: float = Field(description="sigmoid-normalised score in (0, 1); higher is more relevant.")
-    document: TextInput | ImageInput | None = None
+    document: TextInput | ImageInput | PdfInput | None = None
+    pages: list[dict] | None = Field(None, description=(
+        "A PDF document's best pages, [{page, relevance_score}] best first (1-based); its score is the first's."))
     explanation: dict | None = Field(None, description=(
         "With explain: {method, score, raw_score, text: [{token, start, end, score}], text_omitted, image: null "
         "or {width, height, rows, cols, regions: [{row, col, box, score}], regions_omitted}}."))

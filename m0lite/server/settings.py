@@ -21,6 +21,9 @@ class ServerSettings:
     max_text_chars: int = 100_000  # query or one document; the model reads at most ~10k tokens anyway
     max_image_bytes: int = 20 * 1024 * 1024  # one image, after base64 decoding or download
     max_image_pixels: int = 4096 * 4096  # one image, checked from its header before decoding
+    max_pdf_bytes: int = 20 * 1024 * 1024  # one PDF, after base64 decoding or download
+    max_pdf_pages: int = 32  # pages rendered of one PDF (each scored as an image document)
+    pdf_timeout: float = 30.0  # seconds the worker process may take to render one PDF
     # Per request, counted before any scoring (413 beyond): prompt tokens over all pairs, estimated
     # from the text's UTF-8 size (about 4 bytes a token) and cut as the model cuts a prompt; and
     # decoded pixels over all images, from their headers.
@@ -82,6 +85,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-chars", type=pint, default=d.max_text_chars, help="query or one document")
     parser.add_argument("--max-image-bytes", type=pint, default=d.max_image_bytes, help="one image, encoded")
     parser.add_argument("--max-image-pixels", type=pint, default=d.max_image_pixels, help="one image, decoded")
+    parser.add_argument("--max-pdf-bytes", type=pint, default=d.max_pdf_bytes, help="one PDF, encoded")
+    parser.add_argument("--max-pdf-pages", type=pint, default=d.max_pdf_pages, help="pages rendered of one PDF")
+    parser.add_argument("--pdf-timeout", type=pfloat, default=d.pdf_timeout,
+                        help="seconds to render one PDF (in a worker process, killed past it)")
     parser.add_argument("--max-request-tokens", type=pint, default=d.max_request_tokens,
                         help="prompt tokens over all pairs of one request (estimated before scoring)")
     parser.add_argument("--max-request-pixels", type=pint, default=d.max_request_pixels,

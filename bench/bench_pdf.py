@@ -1,0 +1,88 @@
+"""PDF documents: peak resident memory and pages per second ranking one long PDF, on the tiny random checkpoint.
+
+    python bench/bench_pdf.py                 # a 300-page PDF
+    python bench/bench_pdf.py --pages 50
+
+The PDF is written here (pypdfium2's writer, a picture on every page, so no two pages share pixels). The
+reranker renders its pages in passes (`Reranker._pages_per_pass`, about one decoder pass of full-budget pages),
+so peak RSS should stay near the load's plus one pass's pages, whatever the page count. RSS is the process's
+high-water mark (VmHWM), read after loading and after ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def long_pdf(pages: int) -> bytes:
+    import pypdfium2 as pdfium
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pdf = pdfium.PdfDocument.new()
+    for _ in range(pages):
+        page = pdf.new_page(595, 842)  # A4
+        picture = pdfium.PdfImage.new(pdf)
+        picture.set_bitmap(pdfium.PdfBitmap.from_pil(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))))
+        picture.set_matrix(pdfium.PdfMatrix().scale(500, 700).translate(40, 60))
+        page.insert_obj(picture)
+        page.gen_content()
+        page.close()
+    buf = io.BytesIO()
+    pdf.save(buf)
+    pdf.close()
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=int, default=300)
+    args = ap.parse_args()
+
+    import torch
+
+    from m0lite import Reranker
+    from m0lite.fixtures.random_checkpoint import write_random_checkpoint
+
+    data = long_pdf(args.pages)
+    with tempfile.TemporaryDirectory() as tmp:
+        rr = Reranker.from_pretrained(write_random_checkpoint(Path(tmp) / "tiny", seed=0), dtype=torch.float32)
+        rr.rank("warm up", ["a text"])
+        loaded = vm_hwm_mib()
+        start = time.perf_counter()
+        results = rr.rank("the table on page 7", [{"pdf": data}], pages_as_documents=True)
+        seconds = time.perf_counter() - start
+        peak = vm_hwm_mib()
+    assert len(results) == args.pages
+    print(f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}")
+    print(f"PDF: {args.pages} A4 pages, {len(data) / 2**20:.1f} MiB; pages per pass {rr._pages_per_pass()}")
+    print(f"{'pages':>6} {'seconds':>8} {'pages/s':>8} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'peak - load':>12}")
+    print(f"{args.pages:>6} {seconds:8.1f} {args.pages / seconds:8.2f} {loaded:19.0f} {peak:13.0f} {peak - loaded:12.0f}")
+
+
+if __name__ == "__main__":
+    main()
