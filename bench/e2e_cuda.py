@@ -107,6 +107,33 @@ def measure(side: str, score, inputs: dict, args, device: Device) -> dict:
     return out
 
 
+def profile(score, inputs: dict, path: Path, device: Device) -> None:
+    """One more run of each workload under torch.profiler: the wall time, the device's kernel time within
+    it (a share far below 1 means the host's launches, not the device, set the pace), and the top ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.cuda else [])
+    with open(path, "w") as f:
+        for w, variants in inputs.items():
+            pairs, qt, dt = variants[max(variants)]
+            device.sync()
+            with torch_profile(activities=activities) as prof:
+                t = time.perf_counter()
+                score(pairs, qt, dt)
+                device.sync()
+                wall = time.perf_counter() - t
+            events = prof.key_averages()
+            # Each device kernel is one event of its own (device_type CUDA); the ops that launched it are not.
+            kernels = [e for e in prof.events() if e.device_type == device.torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+            line = f"{w}: wall {wall * 1e3:.1f} ms (profiled), device kernels {busy * 1e3:.1f} ms ({busy / wall:.0%} busy)"
+            print(line, flush=True)
+            sort = "self_cuda_time_total" if device.cuda else "self_cpu_time_total"
+            f.write(f"== {line}\n{events.table(sort_by=sort, row_limit=15, max_name_column_width=60)}\n"
+                    f"{events.table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=60)}\n")
+
+
 def max_diff(a: dict, b: dict, f=lambda x: x):
     common = set(a) & set(b)
     return max((abs(f(x) - f(y)) for v in common for x, y in zip(a[v], b[v])), default=math.nan)
@@ -127,6 +154,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tol", type=float, default=2e-2, help="max |diff| of normalised scores, each reference side vs m0lite")
     ap.add_argument("--out", default=None, help="CSV directory (default bench/results)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also profile one more m0lite run of each workload: device-busy share and top ops, to this file")
     args = ap.parse_args()
 
     import torch
@@ -163,6 +192,8 @@ def main() -> None:
         try:
             score, *loads["m0lite"] = load(make_m0lite, device)
             results["m0lite"] = measure("m0lite", score, inputs, args, device)
+            if args.profile:
+                profile(score, inputs, args.profile, device)
         except Exception:
             traceback.print_exc()
             ok = False

@@ -181,8 +181,9 @@ def plan(args, res: Path, ckpt: Path) -> tuple[Step, list[Step]]:
         Step("env", [PY, "bench/gpu_check.py", "--env"] + quick, 30),
         Step("tests", [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], 120),
         Step("attention", [PY, "bench/bench_attention.py", "--sweep", "--out", out] + quick, 100),
+        Step("launch", [PY, "bench/launch_overhead.py"], 30),
         Step("rms_norm", [PY, "bench/bench_rms_norm.py", "--out", out] + (["--quick", "--no-compile"] if dry else []), 45),
-        Step("e2e", [*write, *quick, *e2e, "--out", out], 170),
+        Step("e2e", [*write, *quick, *e2e, "--out", out, "--profile", str(res / "e2e-profile.txt")], 170),
     ]
 
 
@@ -257,7 +258,7 @@ def summary(steps: list[Step], res: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="the same steps on a CPU at tiny sizes")
-    ap.add_argument("--budget", type=float, default=470, help="seconds for all steps together (default 470)")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
     ap.add_argument("--env", action="store_true", help=argparse.SUPPRESS)  # the env step itself
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("env", "checkpoint", "tests", "attention", "rms_norm", "e2e")
+STEPS = ("env", "checkpoint", "tests", "attention", "launch", "rms_norm", "e2e")
 
 
 def test_dry_run_runs_every_step_and_prints_the_summary_last(tmp_path):
