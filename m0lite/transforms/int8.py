@@ -162,16 +162,27 @@ def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residu
     return y.mul_(row_scale) if bias is None else torch.addcmul(bias, y, row_scale, out=y)
 
 
+QUANTIZE_ROWS = 64  # rows of a weight quantised together: 64 x 8960 fp32 is 2.2 MiB
+
+
 def quantize_weight(w: torch.Tensor, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> int8 codes (out, in) and fp32 scales (out,): symmetric per output channel,
     a row's largest |w| -> 127. rotated: W R / block is what is quantised (ROTATED). Computed in fp32 from
     the weight's own values, whatever the model's dtype, so that a weight quantised at load and one read
     from `m0lite quantize`'s checkpoint are the same codes; one fp32 copy of one weight at a time."""
-    w = w.detach().to(torch.float32, copy=True)  # divided in place below
-    if rotated:  # W R / block: x R times it is x W^T
-        w = rotate(w).div_(rotation_block(w.shape[1]))
-    scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    w = w.detach()
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    # A few rows at a time, so that the fp32 copy and every step over it stay in cache (the whole weight at
+    # once made each step a pass through memory, and loading spent most of its time here).
+    for i in range(0, w.shape[0], QUANTIZE_ROWS):
+        rows = w[i:i + QUANTIZE_ROWS].to(torch.float32, copy=True)  # divided in place below
+        if rotated:  # W R / block: x R times it is x W^T
+            rows = rotate(rows).div_(rotation_block(w.shape[1]))
+        s = torch.linalg.vector_norm(rows, float("inf"), dim=1).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+        scale[i:i + QUANTIZE_ROWS] = s
+        codes[i:i + QUANTIZE_ROWS] = rows.div_(s[:, None]).round_().clamp_(-127, 127)  # integral: the cast is exact
+    return codes, scale
 
 
 class Int8Linear(EpilogueLinear):
