@@ -2,10 +2,11 @@
 
 Each op has a Triton kernel (`*_triton`) and a torch twin (`*_torch`) with the same
 signature. `rms_norm`, `attention` and `attention_with_past` pick one per call: Triton for CUDA tensors,
-the twin otherwise. M0LITE_KERNELS=triton|torch forces a choice (read at call
-time); with TRITON_INTERPRET=1 set before import, Triton also runs on CPU tensors.
+the twin otherwise. M0LITE_KERNELS=triton|torch forces a choice (read once, at import, into `MODE`, which
+tests and benchmarks may set); with TRITON_INTERPRET=1 set before import, Triton also runs on CPU tensors.
 """
 
+import functools
 import importlib
 import os
 
@@ -20,16 +21,22 @@ _TRITON = {"attention_triton": ".triton_attention", "attention_with_past_triton"
            "rms_norm_triton": ".triton_rms_norm"}
 
 
-def __getattr__(name):
+MODE = os.environ.get("M0LITE_KERNELS", "").strip().lower() or "auto"  # auto, triton or torch
+
+
+@functools.cache
+def _load(name):
+    return getattr(importlib.import_module(_TRITON[name], __package__), name)
+
+
+def __getattr__(name):  # `ops.attention_triton` and the others, loaded when first named
     if name in _TRITON:
-        fn = getattr(importlib.import_module(_TRITON[name], __package__), name)
-        globals()[name] = fn  # later lookups find it without coming here
-        return fn
+        return _load(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _triton(name):
-    return globals().get(name) or __getattr__(name)
+    return globals().get(name) or _load(name)  # a global of that name: a test's or a benchmark's stand-in
 
 
 __all__ = ["Past", "cu_seqlens", "rms_norm", "attention", "attention_with_past", "causal_attention", "rms_norm_torch", "attention_torch",
@@ -42,12 +49,11 @@ def cu_seqlens(lengths: list[int], device=None) -> torch.Tensor:
 
 
 def _use_triton(x):
-    mode = os.environ.get("M0LITE_KERNELS", "").strip().lower()
-    if mode in ("", "auto"):
+    if MODE == "auto":
         return x.is_cuda
-    if mode not in ("triton", "torch"):
-        raise ValueError(f"M0LITE_KERNELS must be 'triton' or 'torch', got {mode!r}")
-    return mode == "triton"
+    if MODE not in ("triton", "torch"):
+        raise ValueError(f"M0LITE_KERNELS must be 'triton' or 'torch', got {MODE!r}")
+    return MODE == "triton"
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -24,7 +24,7 @@ from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
 from .documents import (PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
                         text_windows)
-from .errors import InputError, PdfError
+from .errors import InputError, PdfError, WeightsError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
 from .images.preprocess import FACTOR
 from .memory import trim_heap
@@ -148,7 +148,11 @@ class Reranker:
                 raise InputError("compile=True and pack_weights=True do not go together; choose one")
             kwargs["pack_weights"] = False
             transforms.compile_blocks(model)
-        rr = cls(model, Tokenizer(folder / "tokenizer.json"), name=str(name_or_path), **kwargs)
+        tokenizer = Tokenizer(folder / "tokenizer.json")
+        if tokenizer.image_pad_id != model.cfg.image_token_id:  # prompts are written with one, the model reads the other
+            raise WeightsError(f"{folder}: tokenizer.json's <|image_pad|> is id {tokenizer.image_pad_id}, config.json's "
+                               f"image_token_id is {model.cfg.image_token_id}: they come from different checkpoints")
+        rr = cls(model, tokenizer, name=str(name_or_path), **kwargs)
         trim_heap()  # what parsing the tokenizer and the config left free
         return rr
 

@@ -118,17 +118,13 @@ def check_rms_norm(shape, dtype, residual, weight_dtype=None, seed=0, config=Non
 
 def check_dispatch_forces_triton():
     q, k, v, cu = packed_qkv([5, 9], 2, 1, 16, "fp32", device=DEVICE)
-    before = os.environ.get("M0LITE_KERNELS")
-    os.environ["M0LITE_KERNELS"] = "triton"
+    before, ops.MODE = ops.MODE, "triton"
     try:
         assert torch.equal(ops.attention(q, k, v, cu, 9, True), ops.attention_triton(q, k, v, cu, 9, True))
         x, w, _ = norm_inputs((3, 40), "fp32", False, device=DEVICE)
         assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_triton(x, w, 1e-6))
     finally:
-        if before is None:
-            del os.environ["M0LITE_KERNELS"]
-        else:
-            os.environ["M0LITE_KERNELS"] = before
+        ops.MODE = before
 
 
 def check_attention_with_past(lens, past_lens, n_heads, n_kv_heads, head_dim, dtype, seed=0, config=None):
@@ -413,22 +409,19 @@ def test_dispatch(monkeypatch):
     for name in ("attention_triton", "attention_torch", "rms_norm_triton", "rms_norm_torch"):
         monkeypatch.setattr(ops, name, lambda *a, _name=name: calls.append(_name))
     x = torch.zeros(2, 4)
-    for mode, want in [(None, "torch"), ("torch", "torch"), ("triton", "triton"), ("auto", "torch")]:
-        if mode is None:
-            monkeypatch.delenv("M0LITE_KERNELS", raising=False)
-        else:
-            monkeypatch.setenv("M0LITE_KERNELS", mode)
+    for mode, want in [("torch", "torch"), ("triton", "triton"), ("auto", "torch")]:
+        monkeypatch.setattr(ops, "MODE", mode)
         calls.clear()
         ops.attention(x, x, x, None, 1, True)
         ops.rms_norm(x, x[0], 1e-6)
         assert calls == [f"attention_{want}", f"rms_norm_{want}"], mode
-    monkeypatch.setenv("M0LITE_KERNELS", "cuda")
+    monkeypatch.setattr(ops, "MODE", "cuda")
     with pytest.raises(ValueError, match="M0LITE_KERNELS"):
         ops.rms_norm(x, x[0], 1e-6)
 
 
 def test_dispatch_default_is_twin_on_cpu(monkeypatch):
-    monkeypatch.delenv("M0LITE_KERNELS", raising=False)
+    monkeypatch.setattr(ops, "MODE", "auto")
     q, k, v, cu = packed_qkv([5, 9], 4, 2, 16, "fp32")
     assert torch.equal(ops.attention(q, k, v, cu, 9, True), ops.attention_torch(q, k, v, cu, 9, True))
     x, w, r = norm_inputs((3, 40), "fp16", True)
@@ -444,7 +437,7 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     attention_module = importlib.import_module("m0lite.kernels.triton_attention")
     if not isinstance(attention_module._attn_fwd, triton_jit_function()):
         pytest.skip("kernels were imported under TRITON_INTERPRET=1 in this process")
-    monkeypatch.setenv("M0LITE_KERNELS", "triton")
+    monkeypatch.setattr(ops, "MODE", "triton")
     q, k, v, cu = packed_qkv([5], 2, 2, 16, "fp32")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.attention(q, k, v, cu, 5, False)

@@ -127,6 +127,14 @@ def test_truncated_or_corrupt_file_is_named(ckpt, keep):
         load_model(ckpt, torch.float32)
 
 
+def test_image_token_id_of_tokenizer_and_config_must_agree(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["image_token_id"] += 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"<\|image_pad\|> is id \d+, config.json's image_token_id is \d+"):
+        Reranker.from_pretrained(ckpt)
+
+
 def test_missing_files_and_bad_config(ckpt, tmp_path):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="no model.safetensors"):

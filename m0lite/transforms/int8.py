@@ -250,16 +250,15 @@ class Int8Linear(EpilogueLinear):
         return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other, packed.bits)
 
 
-_ZEROS = torch.zeros(0, dtype=torch.long)
+@functools.cache
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long)
 
 
 def zero_points(n: int) -> torch.Tensor:
-    """The weights' zero points (n,), all 0 (symmetric int8): views of one shared tensor, as each weight's own
-    (int64, as oneDNN takes them) would hold 8 MiB over both towers' output channels."""
-    global _ZEROS
-    if _ZEROS.numel() < n:
-        _ZEROS = torch.zeros(n, dtype=torch.long)
-    return _ZEROS[:n]
+    """The weights' zero points (n,), all 0 (symmetric int8): views of a few shared tensors (one per power of
+    two), as each weight's own (int64, as oneDNN takes them) would hold 8 MiB over both towers' output channels."""
+    return _zeros(1 << max(n - 1, 0).bit_length())[:n]
 
 
 class SharedInput:
