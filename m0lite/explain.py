@@ -183,7 +183,7 @@ def scores_without(rr, lay: Layout, removals: list[tuple[list[int], list[int]]])
         batch = RaggedBatch.of([v[1] for v in group], [v[2] for v in group], [lay.grids if with_images else []])
         vis = torch.cat([embeds(v[3], v[4]) for v in with_images]) if with_images else None
         rr._before_pass(model.model, batch.input_ids.numel())
-        scores += model(batch, vis, [kv[:, :, : v[0]] for v in group]).tolist()
+        scores += model(batch, image_embeds=vis, past=[kv[:, :, : v[0]] for v in group]).tolist()
     return scores
 
 
@@ -220,7 +220,7 @@ def attention_weights(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     try:
         batch = RaggedBatch.of([lay.ids], [lay.positions], [lay.grids])
         rr._before_pass(rr.model.model, len(lay.ids))
-        raw = rr.model(batch, rr._visual_tokens(lay.images)).item()
+        raw = rr.model(batch, image_embeds=rr._visual_tokens(lay.images)).item()
     finally:
         for h in handles:
             h.remove()
@@ -271,7 +271,7 @@ def contributions(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     # Not inference tensors: autograd saves these keys and values for the backward pass.
     with torch.inference_mode(False), torch.no_grad():
         kv = model.model.prefill(*model._inputs(prefix, visual))[0]  # (layers, 2, T - 1, kv_heads, head_dim)
-    raw = model(RaggedBatch.of([lay.ids[-1:]], [lay.positions[:, -1:]], [[]]), None, [kv]).item()
+    raw = model(RaggedBatch.of([lay.ids[-1:]], [lay.positions[:, -1:]], [[]]), past=[kv]).item()
     with torch.inference_mode(False), torch.enable_grad():
         bias = torch.zeros(len(lay.ids), device=model.device, requires_grad=True)
         (grad,) = torch.autograd.grad(score_path(model, lay.ids[-1], lay.positions[:, -1:], kv, bias), bias)

@@ -76,9 +76,16 @@ class JinaReranker(nn.Module):
         return h, cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen
 
     @torch.inference_mode()
-    def forward(self, batch: RaggedBatch, image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Raw scores (batch,) in fp32. `image_embeds` (visual tokens, hidden): the tokens of the batch's
-        images, in order (see `VisionTower`). `past`: per sequence, keys/values of a prefix it continues."""
+    def forward(self, batch: RaggedBatch, pixel_values: torch.Tensor | None = None, *,
+                image_embeds: torch.Tensor | None = None, past: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Pixels and tokens in, raw scores (batch,) out, in fp32.
+
+        pixel_values: (patches, 1176), the batch's images' patches in order (`images.preprocess`), run
+        through the vision tower here. Two overrides, for what the reranker's caches already hold:
+        `image_embeds` (visual tokens, hidden), the vision tower's output for those images, in place of
+        `pixel_values`; `past`: per sequence, the keys/values of a prefix it continues."""
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.visual(pixel_values.to(self.device), batch.grids)
         last = self.model(*self._inputs(batch, image_embeds), past=past)
         return self.score(last).squeeze(-1).float()
 

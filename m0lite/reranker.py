@@ -301,7 +301,7 @@ class Reranker:
             past = self._prefixes([s.prefix for s in seqs]) if use_doc_cache else None
             batch = ragged(seqs)
             self._before_pass(self.model.model, batch.input_ids.numel())
-            for i, score in zip(idx, self.model(batch, self._visual_tokens([im for s in seqs for im in s.images]), past).tolist()):
+            for i, score in zip(idx, self.model(batch, image_embeds=self._visual_tokens([im for s in seqs for im in s.images]), past=past).tolist()):
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
 

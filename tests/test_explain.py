@@ -298,7 +298,7 @@ def test_occlusion_encodes_the_image_once_and_batches_the_variants(tiny_ckpt, mo
     towers, passes = [], []
     visual, model = rr.model.visual.forward, rr.model.forward
     monkeypatch.setattr(rr.model.visual, "forward", lambda px, grids: towers.append(len(grids)) or visual(px, grids))
-    monkeypatch.setattr(rr.model, "forward", lambda batch, *a: passes.append(len(batch.cu_seqlens) - 1) or model(batch, *a))
+    monkeypatch.setattr(rr.model, "forward", lambda batch, *a, **k: passes.append(len(batch.cu_seqlens) - 1) or model(batch, *a, **k))
     out = rr.explain(QUERY, {"image": page(6), "text": "a caption of five words"})
     variants = 1 + len(out["text"]) + len(out["image"]["regions"])
     assert towers == [1]  # the image is encoded once for every variant
@@ -325,7 +325,7 @@ def test_lean_mode_explains(tiny_ckpt, compute):
             visual[list(swapped)] = visual[: len(lay.image_rows)].mean(0)
         pos = mrope_positions(ids, lay.grids, cfg.image_token_id, cfg.vision.spatial_merge_size)
         with torch.inference_mode():
-            return rr.model(RaggedBatch.of([ids], [pos], [lay.grids]), visual).item()
+            return rr.model(RaggedBatch.of([ids], [pos], [lay.grids]), image_embeds=visual).item()
 
     for doc in ("markdown tables and gold", page(7), {"image": page(8), "text": "a caption of markdown"}):
         raw = rr.compute_score([QUERY, doc], normalize_scores=False, doc_type="text" if isinstance(doc, (str, dict)) else "image")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from m0lite import ImageError, Reranker
 from m0lite.images import preprocess
+from m0lite.model import RaggedBatch
 from m0lite.prompt import Side, build_prompt
 from m0lite.rope import mrope_positions
 from tests.reference import Reference
@@ -51,6 +52,24 @@ def test_position_ids_match_get_rope_index(tiny_reranker, tiny_reference, images
     prompt = build_prompt(tiny_reranker.tokenizer, sides[0], sides[1], max_length=10240, max_doc_length=9728)
     assert prompt.input_ids == batch["input_ids"][0].tolist()
     assert torch.equal(mrope_positions(prompt.input_ids, prompt.grids, 151655, 2), ref_pos[:, 0])
+
+
+@pytest.mark.parametrize("query_type,doc_type", [("text", "image"), ("image", "image")])
+def test_forward_from_pixels_and_tokens_matches_reference(tiny_reranker, tiny_reference, images, query_type, doc_type):
+    """JinaReranker.forward entered with the reference's own inputs (token ids and pixel values, one pair):
+    vision tower, merger, decoder and score head in one call give the reference's raw score."""
+    q = images[2] if query_type == "image" else QUERY
+    inputs = tiny_reference.inputs([[q, images[3]]], query_type=query_type, doc_type=doc_type)
+    ids = inputs["input_ids"][0].tolist()
+    grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+    batch = RaggedBatch.of([ids], [mrope_positions(ids, grids, 151655, 2)], [grids])
+    ours = tiny_reranker.model(batch, inputs["pixel_values"])
+    with torch.inference_mode():
+        theirs = tiny_reference.model(**inputs)
+    assert ours.tolist() == pytest.approx(theirs.float().tolist(), abs=1e-4)
+    # The cached visual tokens are an override of the same computation, not another path.
+    visual = tiny_reranker.model.visual(inputs["pixel_values"], grids)
+    assert torch.equal(tiny_reranker.model(batch, image_embeds=visual), ours)
 
 
 @pytest.mark.parametrize("query_type,doc_type", [("text", "image"), ("image", "text"), ("image", "image")])
