@@ -135,6 +135,14 @@ def test_image_token_id_of_tokenizer_and_config_must_agree(ckpt):
         Reranker.from_pretrained(ckpt)
 
 
+def test_vision_geometry_other_than_preprocessing_is_refused(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vision_config"]["spatial_merge_size"] = 4
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"vision_config cuts images into .* = \(14, 2, 4, 1176\)"):
+        Reranker.from_pretrained(ckpt)
+
+
 def test_missing_files_and_bad_config(ckpt, tmp_path):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="no model.safetensors"):

@@ -19,6 +19,7 @@ import torch
 
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
+from m0lite.images.preprocess import check_geometry
 from m0lite.memory import file_mappings, release_mapped_pages
 from m0lite.model import JinaReranker
 from m0lite.transforms import int8
@@ -120,6 +121,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     codes are those `m0lite quantize` writes. A checkpoint that is int8 already loads as it is."""
     folder = Path(folder)
     cfg = ModelConfig.from_file(folder / "config.json")
+    check_geometry(cfg.vision)  # before the tensors, whose shapes follow from it
     stored_int8 = is_quantized_checkpoint(folder)
     model = meta_model(cfg, stored_int8)  # no memory: every tensor is assigned below
     expected = expected_tensors(cfg, model)

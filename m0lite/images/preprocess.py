@@ -3,8 +3,9 @@
 `smart_resize` to multiples of 28, PIL bicubic on uint8, rescale by 1/255 in
 float64 then float32, normalise with the CLIP mean/std in float32, and flatten
 14x14 patches so that the four patches of each 2x2 merge window sit next to
-each other. The geometry (patch 14, temporal patch 2, merge 2) is the
-checkpoint's vision_config, read from `VisionConfig`'s defaults.
+each other. The geometry (patch 14, temporal patch 2, merge 2) is the published
+vision_config, `VisionConfig`'s defaults; a checkpoint whose config says otherwise is refused at load
+(`check_geometry`), since every image would be cut into patches its tower does not take.
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def preprocess(
     values = torch.from_numpy(_NORMALISED[_CHANNELS, x])  # (N, C, 1, ph*pw) float32
     values = values.expand(gh * gw, 3, TEMPORAL_PATCH_SIZE, p * p)  # (N, C, T, ph*pw)
     return values.reshape(gh * gw, PATCH_DIM), (1, gh, gw)
+
+
+def check_geometry(vision: VisionConfig) -> None:
+    """Refuse a vision config whose patches are not the ones `preprocess` cuts (a WeightsError at load)."""
+    from ..errors import WeightsError
+
+    ours = (PATCH_SIZE, TEMPORAL_PATCH_SIZE, MERGE_SIZE, PATCH_DIM)
+    theirs = (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size, vision.patch_dim)
+    if theirs != ours:
+        raise WeightsError(f"config.json's vision_config cuts images into (patch, temporal patch, merge, values per patch) "
+                           f"= {theirs}; m0lite's image preprocessing cuts {ours}, as the published checkpoint does")
 
 
 def num_visual_tokens(grid_thw: tuple[int, int, int], merge: int = MERGE_SIZE) -> int:
