@@ -127,6 +127,16 @@ def test_truncated_or_corrupt_file_is_named(ckpt, keep):
         load_model(ckpt, torch.float32)
 
 
+def test_layout_fix_up_goes_both_ways(tiny_ckpt):
+    """The file's tensors -> our modules -> the file's tensors again: every name, shape and value."""
+    from m0lite.weights.loader import to_checkpoint
+
+    on_disk = load_file(str(tiny_ckpt / "model.safetensors"))
+    back = to_checkpoint(load_model(tiny_ckpt, torch.float32))
+    assert back.keys() == on_disk.keys()
+    assert all(torch.equal(back[n], on_disk[n].float()) for n in on_disk)
+
+
 def test_image_token_id_of_tokenizer_and_config_must_agree(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     config["image_token_id"] += 1

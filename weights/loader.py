@@ -33,13 +33,27 @@ IGNORED = {"lm_head.weight"}
 FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
+# The one layout difference from our modules, in both directions: the patch embedding is a Conv3d in the
+# file, (embed, 3, 2, 14, 14), and a Linear here, (embed, 1176): over one patch the same matmul.
+PATCH_EMBED = "visual.patch_embed.proj.weight"
+
+
 def checkpoint_shape(name: str, shape: torch.Size, cfg: ModelConfig) -> tuple[int, ...]:
-    """The one layout difference from our modules: the patch embedding is a Conv3d in the file
-    (embed, 3, 2, 14, 14) and a Linear (embed, 1176) here."""
-    if name == "visual.patch_embed.proj.weight":
+    """The file's shape of our tensor `name` of shape `shape`."""
+    if name == PATCH_EMBED:
         v = cfg.vision
         return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     return tuple(shape)
+
+
+def from_file(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the file holds it -> as our module takes it (a view)."""
+    return t.flatten(1) if name == PATCH_EMBED else t
+
+
+def to_file(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Our tensor -> as the file holds it (a view)."""
+    return t.reshape(checkpoint_shape(name, t.shape, cfg))
 
 
 def meta_model(cfg: ModelConfig, quantized: bool = False) -> JinaReranker:
@@ -166,7 +180,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             release_mapped_pages(t, mapped)  # (a bf16 checkpoint in fp32 held both, 12.6 GiB at full size)
         if name.endswith(".weight_scale") and not bool(torch.isfinite(state[name]).all() and (state[name] > 0).all()):
             raise WeightsError(f"{path}: tensor {name} holds scales that are not all finite and positive")
-    state["visual.patch_embed.proj.weight"] = state["visual.patch_embed.proj.weight"].flatten(1)
+    state[PATCH_EMBED] = from_file(PATCH_EMBED, state[PATCH_EMBED])
 
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -175,10 +189,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
 def to_checkpoint(model: JinaReranker) -> dict[str, torch.Tensor]:
     """The model's tensors under the checkpoint's names and shapes (the published layout), for saving."""
     cfg = model.cfg
-    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
-    w = state["visual.patch_embed.proj.weight"]
-    state["visual.patch_embed.proj.weight"] = w.reshape(checkpoint_shape("visual.patch_embed.proj.weight", w.shape, cfg))
-    return state
+    return {n: to_file(n, t.detach().contiguous(), cfg) for n, t in model.state_dict().items()}
 
 
 def our_name(key: str) -> str:
