@@ -48,6 +48,9 @@ INT8_TOLERANCE = 0.03  # the lean mode's stated tolerance against exact m0lite (
 
 sys.path.insert(0, str(REPO))
 from bench.e2e_worker import TIMED_VARIANTS, WORKLOADS  # noqa: E402  (the worker module imports nothing heavy at top level)
+# Before anything imports torch: M0LITE_CPU_ISA's caps on oneDNN and MKL go into this process's environment, so that
+# the header names them and every side's worker, the reference's included, inherits them.
+import m0lite.cpu  # noqa: E402,F401
 
 
 def quick_config():

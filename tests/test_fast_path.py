@@ -208,6 +208,25 @@ def test_chunked_fp32_model_matches_reference(tiny_ckpt, tiny_reference, images_
         tiny_reference.raw_scores(pairs, doc_type="image"), abs=1e-4)
 
 
+@pytest.mark.parametrize("make", [PlainLinear, OneDNNLinear], ids=["plain-layout", "onednn-layout"])
+def test_fp32_fast_form_scores_are_the_plain_math(tiny_ckpt, images_for_packing, make):
+    """The fast forms in fp32 as they would run there (whole, unchunked: rowwise chunks only 16-bit work), on
+    either weight layout, score text, image and image+text documents as the plain math does, to fp32 rounding.
+    fp32 keeps the plain math by default (onednn.packable); this holds the fast forms ready for it."""
+    if make is OneDNNLinear and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=False)
+    fast = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=False)
+    for tower in (fast.model.model, fast.model.visual):
+        assert chunked.apply(tower, make) > 0
+    image = images_for_packing[1]  # more patches than one 256-row chunk
+    pairs = ([[QUERY, d] for d in DOCS] + [[QUERY, {"image": im}] for im in images_for_packing]
+             + [[QUERY, {"image": image, "text": DOCS[1]}], [image, {"image": images_for_packing[0], "text": DOCS[0]}]])
+    expected, _ = plain.score_pairs(pairs, normalize=False)
+    got, _ = fast.score_pairs(pairs, normalize=False)
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
 def _rss_file_kib() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("RssFile:"):

@@ -23,7 +23,10 @@ CHUNK_ROWS = 256  # rows per matmul in the fast layers (chunked.py), which the b
 
 
 def packable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch build and CPU can run `OneDNNLinear` for this device and dtype."""
+    """Whether this torch build and CPU can run `OneDNNLinear` for this device and dtype, and whether it pays.
+    Only bf16 on a CPU with native bf16: in fp32 (the default elsewhere) plain `F.linear` on the (out, in)
+    weight, which runs MKL's sgemm, is as fast as or faster than oneDNN's or MKL's packed layouts, whole or in
+    chunks (bench/fp32_linears.py), so fp32 keeps the plain math."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not cpu.native_bf16() or not torch.backends.mkldnn.is_available():
         return False
     try:  # private ops (inductor's CPU path uses them): a torch build without them just runs the plain math
