@@ -79,6 +79,12 @@ def text_windows(offsets: list[tuple[int, int]], length: int, max_doc_length: in
     return spans
 
 
+def split_text(tokenizer, text: str, max_doc_length: int, max_chunks: int, overlap: int) -> list[tuple[int, int]]:
+    """`text_windows` of a text, tokenized with `tokenizer` (a prompt.Tokenizer)."""
+    _, offsets = tokenizer.encode_with_offsets(text)
+    return text_windows(offsets, len(text), max_doc_length, max_chunks, overlap)
+
+
 def in_passes(parts: Iterable[Part], pages_per_pass: int) -> Iterator[list[Part]]:
     """Parts in groups, each closed once it holds pages_per_pass pages: what one group of scoring passes
     holds of a PDF's pages. Without PDFs, everything is one group."""
@@ -96,3 +102,12 @@ def in_passes(parts: Iterable[Part], pages_per_pass: int) -> Iterator[list[Part]
 def best_parts(parts: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
     """A document's scored parts, best first (ties in order)."""
     return sorted(parts, key=lambda p: -p[0])
+
+
+def result_fields(ordered: list[tuple[float, dict]]) -> dict:
+    """What a document's result says of its parts, given them best first (`best_parts`): a PDF its best pages,
+    {"pages": [{"page": n, "relevance_score": s}, ...]}; a windowed text its best window, {"window": {...}};
+    a whole document nothing."""
+    if "page" in ordered[0][1]:
+        return {"pages": [{"page": info["page"], "relevance_score": s} for s, info in ordered[:PAGES_SHOWN]]}
+    return dict(ordered[0][1])

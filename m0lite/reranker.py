@@ -22,8 +22,7 @@ import torch
 from . import cpu, transforms
 from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
-from .documents import (PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
-                        text_windows)
+from .documents import Part, best_parts, check_windows, in_passes, is_pdf, result_fields, split_text
 from .errors import InputError, PdfError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
 from .images.preprocess import FACTOR
@@ -226,8 +225,7 @@ class Reranker:
         if max_chunks_per_doc is None or text is None:
             return [Part(index, (query, self._prepare(doc, kind, what, document=True)))]
         check_text(text, what, allow_empty=True)
-        ids, offsets = self.tokenizer.encode_with_offsets(text)
-        spans = text_windows(offsets, len(text), max_doc_length, max_chunks_per_doc, chunk_overlap)
+        spans = split_text(self.tokenizer, text, max_doc_length, max_chunks_per_doc, chunk_overlap)
         return [Part(index, (query, Prepared(Side(text=text[a:b]))), {"window": {"start": a, "end": b}})
                 for a, b in spans]
 
@@ -446,10 +444,7 @@ class Reranker:
             entries = []
             for i, parts in enumerate(scored):
                 ordered = best_parts([(self.normalize(r), info) for r, info, _ in parts])
-                info = dict(ordered[0][1])
-                if is_pdf(documents[i]):
-                    info = {"pages": [{"page": p["page"], "relevance_score": s} for s, p in ordered[:PAGES_SHOWN]]}
-                entries.append((i, ordered[0][0], info))
+                entries.append((i, ordered[0][0], result_fields(ordered)))
         results = [{"index": entries[k][0], "relevance_score": entries[k][1], **entries[k][2]}
                    for k in rank_order([e[1] for e in entries])[:top_n]]
         if return_documents:
