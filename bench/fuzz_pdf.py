@@ -7,7 +7,8 @@ Each case takes a valid PDF (hand-written text pages, or pypdfium2-written pages
 it: bytes flipped, cut short, an object spliced in from elsewhere in the file, bytes inserted, or a number
 changed in the page tree or a MediaBox. The app runs around a stand-in scorer (what is fuzzed is the PDF path:
 source decoding, the worker process, PDFium, the limits), with pages rendered small so that cases are quick.
-Prints cases, status counts, 5xx count, renders the worker died on, and this process's peak RSS.
+Prints cases, status counts, 5xx count, renders the worker died on, and the peak RSS of this process and of the
+largest worker process (ended ones: the app's last worker is ended when it shuts down).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def main() -> None:
     print(f"cases {sum(statuses.values())} in {seconds:.1f} s ({sum(statuses.values()) / seconds:.1f}/s), seed {args.seed}")
     print("status counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     print(f"5xx: {sum(v for k, v in statuses.items() if k >= 500)}; worker deaths and timeouts: {died}")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; of the "
+          f"largest PDF worker process: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 
 
 def _deaths(client) -> int:

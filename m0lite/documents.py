@@ -88,15 +88,22 @@ def split_text(tokenizer, text: str, max_doc_length: int, max_chunks: int, overl
 def in_passes(parts: Iterable[Part], pages_per_pass: int) -> Iterator[list[Part]]:
     """Parts in groups, each closed once it holds pages_per_pass pages: what one group of scoring passes
     holds of a PDF's pages. Without PDFs, everything is one group."""
-    group, pages = [], 0
+    # A group is handed out of a one-item list, never from a name of this frame: a suspended generator keeps
+    # its names alive, and a name holding the last group would keep its pages' pixels for as long as the
+    # consumer scores them and beyond, past the heap trim that should return them.
+    full, group, pages, part = [], [], 0, None
     for part in parts:
         group.append(part)
         pages += part.is_page
         if pages >= pages_per_pass:
-            yield group
-            group, pages = [], 0
+            full.append(group)
+            group, pages, part = [], 0, None
+            yield full.pop()
+    part = None
     if group:
-        yield group
+        full.append(group)
+        group = None
+        yield full.pop()
 
 
 def best_parts(parts: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
