@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop posting after this long (fewer cases)")
     args = ap.parse_args()
 
     import resource
@@ -106,7 +107,8 @@ def main() -> None:
     start = time.perf_counter()
     with TestClient(build_app(StandIn(), ServerSettings(pdf_timeout=10))) as client:
         died_before = _deaths(client)
-        statuses = run(client, args.cases, args.seed)
+        deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+        statuses = run(client, args.cases, args.seed, deadline)
         died = _deaths(client) - died_before
     seconds = time.perf_counter() - start
     print(f"cases {sum(statuses.values())} in {seconds:.1f} s ({sum(statuses.values()) / seconds:.1f}/s), seed {args.seed}")
