@@ -7,7 +7,8 @@ Each case takes a valid PDF (hand-written text pages, or pypdfium2-written pages
 it: bytes flipped, cut short, an object spliced in from elsewhere in the file, bytes inserted, or a number
 changed in the page tree or a MediaBox. The app runs around a stand-in scorer (what is fuzzed is the PDF path:
 source decoding, the worker process, PDFium, the limits), with pages rendered small so that cases are quick.
-Prints cases, status counts, 5xx count, renders the worker died on, and this process's peak RSS.
+Prints cases, status counts, 5xx count, renders the worker died on, and the peak RSS of this process and of the
+largest worker process (ended ones: the app's last worker is ended when it shuts down).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop posting after this long (fewer cases)")
     args = ap.parse_args()
 
     import resource
@@ -105,13 +107,15 @@ def main() -> None:
     start = time.perf_counter()
     with TestClient(build_app(StandIn(), ServerSettings(pdf_timeout=10))) as client:
         died_before = _deaths(client)
-        statuses = run(client, args.cases, args.seed)
+        deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+        statuses = run(client, args.cases, args.seed, deadline)
         died = _deaths(client) - died_before
     seconds = time.perf_counter() - start
     print(f"cases {sum(statuses.values())} in {seconds:.1f} s ({sum(statuses.values()) / seconds:.1f}/s), seed {args.seed}")
     print("status counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     print(f"5xx: {sum(v for k, v in statuses.items() if k >= 500)}; worker deaths and timeouts: {died}")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; of the "
+          f"largest PDF worker process: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 
 
 def _deaths(client) -> int:

@@ -79,20 +79,42 @@ def text_windows(offsets: list[tuple[int, int]], length: int, max_doc_length: in
     return spans
 
 
+def split_text(tokenizer, text: str, max_doc_length: int, max_chunks: int, overlap: int) -> list[tuple[int, int]]:
+    """`text_windows` of a text, tokenized with `tokenizer` (a prompt.Tokenizer)."""
+    _, offsets = tokenizer.encode_with_offsets(text)
+    return text_windows(offsets, len(text), max_doc_length, max_chunks, overlap)
+
+
 def in_passes(parts: Iterable[Part], pages_per_pass: int) -> Iterator[list[Part]]:
     """Parts in groups, each closed once it holds pages_per_pass pages: what one group of scoring passes
     holds of a PDF's pages. Without PDFs, everything is one group."""
-    group, pages = [], 0
+    # A group is handed out of a one-item list, never from a name of this frame: a suspended generator keeps
+    # its names alive, and a name holding the last group would keep its pages' pixels for as long as the
+    # consumer scores them and beyond, past the heap trim that should return them.
+    full, group, pages, part = [], [], 0, None
     for part in parts:
         group.append(part)
         pages += part.is_page
         if pages >= pages_per_pass:
-            yield group
-            group, pages = [], 0
+            full.append(group)
+            group, pages, part = [], 0, None
+            yield full.pop()
+    part = None
     if group:
-        yield group
+        full.append(group)
+        group = None
+        yield full.pop()
 
 
 def best_parts(parts: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
     """A document's scored parts, best first (ties in order)."""
     return sorted(parts, key=lambda p: -p[0])
+
+
+def result_fields(ordered: list[tuple[float, dict]]) -> dict:
+    """What a document's result says of its parts, given them best first (`best_parts`): a PDF its best pages,
+    {"pages": [{"page": n, "relevance_score": s}, ...]}; a windowed text its best window, {"window": {...}};
+    a whole document nothing."""
+    if "page" in ordered[0][1]:
+        return {"pages": [{"page": info["page"], "relevance_score": s} for s, info in ordered[:PAGES_SHOWN]]}
+    return dict(ordered[0][1])

@@ -23,7 +23,10 @@ def add_explain_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
     p.add_argument("--out", help="write a picture of it (PNG): a heatmap over the page, highlighted text")
     p.add_argument("--top", type=int, default=10, help="without --json: print the N strongest tokens and regions")
-    p.add_argument("document", metavar="DOC", help="text, a text file, an image file or URL")
+    p.add_argument("--page", type=int, help="with a .pdf DOC: explain this page (1-based), rendered as ranking "
+                                            "renders it, as an image document")
+    p.add_argument("--pdf-text", action="store_true", help="with --page: the page's image and its extracted text")
+    p.add_argument("document", metavar="DOC", help="text, a text file, an image file or URL, a .pdf file (with --page)")
     p.set_defaults(func=cmd_explain)
 
 
@@ -35,8 +38,17 @@ def cmd_explain(args) -> None:
         if "image" not in doc:
             raise M0liteError("--text goes with an image DOC (a document of an image and its text)")
         doc = {"image": doc["image"], "text": args.text}
+    if ("pdf" in doc) != (args.page is not None):
+        raise M0liteError("a .pdf DOC is explained one page at a time: give --page N" if "pdf" in doc
+                          else "--page goes with a .pdf DOC")
+    if args.pdf_text and "pdf" not in doc:
+        raise M0liteError("--pdf-text goes with a .pdf DOC and --page")
+    if "pdf" in doc and args.text is not None:
+        raise M0liteError("--text does not go with a PDF page (--pdf-text adds the page's own text)")
     query = {"image": args.query_image} if args.query_image else args.query
     rr = load_reranker(args)
+    if "pdf" in doc:
+        doc = _pdf_page(rr, doc["pdf"], args.page, args.pdf_text)
     out = rr.explain(query, doc, method=args.method)
     if args.out:
         from .explain_render import render
@@ -60,3 +72,13 @@ def cmd_explain(args) -> None:
             print(f"{r['score']:9.4f}  {r['row']:>3} {r['col']:>3}  ({', '.join(f'{v:.1f}' for v in r['box'])})")
     if args.out:
         print(f"wrote {args.out}")
+
+
+def _pdf_page(rr, src: str, number: int, with_text: bool) -> dict:
+    """Page `number` of a PDF as the document a ranking scored for it: the image of its rendered pixels (and,
+    with_text, its extracted text)."""
+    from .pdf import render_page
+
+    page = render_page(src, number, max_bytes=rr.max_pdf_bytes, min_pixels=rr.min_pixels, max_pixels=rr.max_pixels,
+                       with_text=with_text)
+    return {"image": page.image, "text": page.text} if with_text else {"image": page.image}

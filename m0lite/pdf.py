@@ -228,3 +228,18 @@ def _each(pdf: PdfFile, numbers: list[int], **kwargs) -> Iterator[Page]:
     with pdf:
         for n in numbers:
             yield pdf.render(n, **kwargs)
+
+
+def render_page(src, number: int, *, max_bytes: int = MAX_PDF_BYTES, min_pixels: int = MIN_PIXELS,
+                max_pixels: int = MAX_PIXELS, with_text: bool = False) -> Page:
+    """Page `number` (1-based) of a PDF from any source `read_pdf` takes, rendered as a PDF document's pages
+    are: the page a ranking scored, as an image document on its own (to explain it, say)."""
+    data, name = read_pdf(src, max_bytes=max_bytes)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise PdfError(f"{name}: a page is a number counted from 1, got {number!r}"[:200])
+    pages = render_pages(data, name, number, max_pages=1, min_pixels=min_pixels, max_pixels=max_pixels,
+                         with_text=with_text)
+    try:
+        return next(pages)
+    finally:
+        pages.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -22,8 +23,7 @@ import torch
 from . import cpu, transforms
 from .batching import Prepared, Prefix, budget_groups, ragged, sequence
 from .caches import TensorLRU, through_cache
-from .documents import (PAGES_SHOWN, Part, best_parts, check_windows, in_passes, is_pdf,
-                        text_windows)
+from .documents import Part, best_parts, check_windows, in_passes, is_pdf, result_fields, split_text
 from .errors import InputError, PdfError, WeightsError
 from .images import MAX_PIXELS, MIN_PIXELS, load_image, num_visual_tokens, preprocess
 from .images.preprocess import FACTOR
@@ -230,8 +230,7 @@ class Reranker:
         if max_chunks_per_doc is None or text is None:
             return [Part(index, (query, self._prepare(doc, kind, what, document=True)))]
         check_text(text, what, allow_empty=True)
-        ids, offsets = self.tokenizer.encode_with_offsets(text)
-        spans = text_windows(offsets, len(text), max_doc_length, max_chunks_per_doc, chunk_overlap)
+        spans = split_text(self.tokenizer, text, max_doc_length, max_chunks_per_doc, chunk_overlap)
         return [Part(index, (query, Prepared(Side(text=text[a:b]))), {"window": {"start": a, "end": b}})
                 for a, b in spans]
 
@@ -248,13 +247,18 @@ class Reranker:
             raise type(e)(f"{what}: {e}") from None
         del data
 
+        def part(page) -> Part:
+            where = f"{what} page {page.number}"
+            pixels, grid = self._load(page.image, where)
+            text = check_text(page.text, f"{where} text", allow_empty=True) if pdf_text else None
+            return Part(index, (query, Prepared(Side(text=text, grid=grid), pixels)), {"page": page.number}, True)
+
         def parts():
+            # Each part is made by a call, so that this generator, suspended, holds no page's patches: a pass's
+            # pages are let go as soon as the pass is scored (documents.in_passes).
             try:
                 for page in pages:
-                    where = f"{what} page {page.number}"
-                    pixels, grid = self._load(page.image, where)
-                    text = check_text(page.text, f"{where} text", allow_empty=True) if pdf_text else None
-                    yield Part(index, (query, Prepared(Side(text=text, grid=grid), pixels)), {"page": page.number}, True)
+                    yield part(page)
             except PdfError as e:
                 raise type(e)(f"{what}: {e}") from None
             finally:
@@ -308,7 +312,8 @@ class Reranker:
     def _score_parts(self, parts, n_docs: int, **kwargs) -> list[list[tuple[float, dict, int]]]:
         """Each document's scored parts, (raw score, part info, prompt length) in part order. PDF pages are
         rendered, scored and let go in groups (documents.in_passes), so that a long PDF is never held whole;
-        without PDFs all parts go to `_score` at once."""
+        without PDFs all parts go to `_score` at once. `parts` must hold no part it has handed out (so
+        itertools.chain, not a generator expression, which keeps the last), or a pass's last page outlives it."""
         out: list[list[tuple[float, dict, int]]] = [[] for _ in range(n_docs)]
         for group in in_passes(parts, self._pages_per_pass()):
             raw, lengths = self._score([p.pair for p in group], **kwargs)
@@ -387,7 +392,7 @@ class Reranker:
                 raise InputError(f"pairs[{i}] must be a [query, document] pair")
             q = self._prepare(p[0], query_type, f"pairs[{i}] query", document=False)
             streams.append(self._parts(i, q, p[1], doc_type, f"pairs[{i}] document", **options))
-        scored = self._score_parts((part for parts in streams for part in parts), len(pairs), batch_size=batch_size,
+        scored = self._score_parts(chain.from_iterable(streams), len(pairs), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)
         raw = [max(r for r, _, _ in parts) for parts in scored]
         scores = [self.normalize(s) for s in raw] if normalize_scores else raw
@@ -405,7 +410,7 @@ class Reranker:
         options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
         streams = [self._parts(i, self._prepare(q, None, f"pairs[{i}] query", document=False), d, None,
                                f"pairs[{i}] document", **options) for i, (q, d) in enumerate(pairs)]
-        scored = self._score_parts((part for parts in streams for part in parts), len(pairs), batch_size=batch_size,
+        scored = self._score_parts(chain.from_iterable(streams), len(pairs), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length)
         norm = self.normalize if normalize else (lambda r: r)
         lengths = [sum(n for _, _, n in parts) for parts in scored]
@@ -442,7 +447,7 @@ class Reranker:
         options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
         q = self._prepare(query, None, "query", document=False)
         streams = [self._parts(i, q, d, None, f"documents[{i}]", **options) for i, d in enumerate(documents)]
-        scored = self._score_parts((part for parts in streams for part in parts), len(documents), batch_size=batch_size,
+        scored = self._score_parts(chain.from_iterable(streams), len(documents), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)
         if pages_as_documents:  # every part is a result
             entries = [(i, self.normalize(r), info) for i, parts in enumerate(scored) for r, info, _ in parts]
@@ -450,10 +455,7 @@ class Reranker:
             entries = []
             for i, parts in enumerate(scored):
                 ordered = best_parts([(self.normalize(r), info) for r, info, _ in parts])
-                info = dict(ordered[0][1])
-                if is_pdf(documents[i]):
-                    info = {"pages": [{"page": p["page"], "relevance_score": s} for s, p in ordered[:PAGES_SHOWN]]}
-                entries.append((i, ordered[0][0], info))
+                entries.append((i, ordered[0][0], result_fields(ordered)))
         results = [{"index": entries[k][0], "relevance_score": entries[k][1], **entries[k][2]}
                    for k in rank_order([e[1] for e in entries])[:top_n]]
         if return_documents:

@@ -344,3 +344,35 @@ def test_lean_mode_explains(tiny_ckpt, compute):
                 assert out["text"][i]["score"] == pytest.approx(base - whole(lay, ids), abs=1e-4)
             for j in sorted({0, len(lay.image_rows) - 1}) if lay.image_rows else []:
                 assert out["image"]["regions"][j]["score"] == pytest.approx(base - whole(lay, lay.ids, [j]), abs=1e-4)
+
+
+def test_explain_cli_explains_a_pdf_page_as_its_rendered_image(tiny_ckpt, tiny_reranker, tmp_path, capsys):
+    """`m0lite explain ... report.pdf --page N`: the explanation of page N's rendered pixels as an image
+    document, and its heatmap drawn; a missing or bad page is an error naming the PDF and page."""
+    pytest.importorskip("pypdfium2")
+    import json
+
+    from m0lite.cli import main
+    from m0lite.fixtures.pdfs import picture_pdf
+    from m0lite.pdf import render_page
+
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(picture_pdf([(300, 420), (420, 300)], seed=3))
+    base = ["explain", "--model", str(tiny_ckpt), "--dtype", "float32", "--query", QUERY, "--method", "attention"]
+    png = tmp_path / "heat.png"
+    assert main(base + ["--json", "--out", str(png), str(pdf), "--page", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    image = render_page(str(pdf), 2).image
+    want = tiny_reranker.explain(QUERY, {"image": image}, method="attention")
+    assert got["image"]["width"] == image.width and got["image"]["height"] == image.height
+    assert got["raw_score"] == pytest.approx(want["raw_score"], abs=1e-5)
+    assert [r["score"] for r in got["image"]["regions"]] == pytest.approx([r["score"] for r in want["image"]["regions"]], abs=1e-6)
+    assert [r["box"] for r in got["image"]["regions"]] == [r["box"] for r in want["image"]["regions"]]
+    assert Image.open(png).size[0] > 0
+    for extra, needle in ((["--page", "3"], "page 3 asked for, the PDF has 2 pages"),
+                          (["--page", "0"], "not a range of pages counted from 1"),
+                          ([], "give --page N")):
+        assert main(base + [str(pdf), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert main(base + ["a text", "--page", "1"]) == 2 and "--page goes with a .pdf DOC" in capsys.readouterr().err

@@ -331,6 +331,75 @@ def test_killed_run_resumes_to_identical_output(kind, tiny_ckpt, beir, pairs_fil
     assert not resumed.with_name(resumed.name + ".parts").exists()
 
 
+# ---- PDF documents ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("pypdfium2")
+    from m0lite.fixtures.pdfs import picture_pdf
+
+    root = tmp_path_factory.mktemp("pdfs")
+    (root / "docs").mkdir()
+    (root / "docs" / "report.pdf").write_bytes(picture_pdf([(300, 420), (420, 300), (300, 300)], seed=5))
+    return root
+
+
+def test_batch_rows_take_pdfs(tiny_ckpt, tiny_reranker, report, tmp_path):
+    import base64
+
+    import pyarrow.parquet as pq
+
+    path = report / "docs" / "report.pdf"
+    uri = "data:application/pdf;base64," + base64.b64encode(path.read_bytes()).decode()
+    rows = [{"query": "revenue", "document_pdf": "docs/report.pdf"},
+            {"query": "revenue", "document_pdf": "docs/report.pdf", "pages": "2-3", "id": 7},
+            {"query": "revenue", "document_pdf": uri, "pages": 3},
+            {"query": "revenue", "document": {"pdf": "docs/report.pdf", "pages": "1"}},
+            {"query": "revenue", "document": "a text"},
+            {"query": "revenue", "document_pdf": "docs/report.pdf", "pages": "9"},  # past the end: this row only
+            {"query": "revenue", "document": "a text", "pages": "1"}]  # pages without a PDF: unreadable
+    inp = report / "pairs.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    assert main(batch_args(tiny_ckpt, inp, out, "--skip-bad-rows", "--chunk-pairs", "2")) == 0
+    got = [json.loads(l) for l in out.read_text().splitlines()]
+    docs = [{"pdf": str(path)}, {"pdf": str(path), "pages": "2-3"}, {"pdf": uri, "pages": 3},
+            {"pdf": str(path), "pages": "1"}, "a text"]
+    for g, d in zip(got, docs):
+        (want,) = tiny_reranker.rank("revenue", [d])
+        assert g["score"] == pytest.approx(want["relevance_score"], abs=1e-5)
+        assert [p["page"] for p in g.get("pages", [])] == [p["page"] for p in want.get("pages", [])]
+    assert len(got[0]["pages"]) == 3 and "pages" not in got[4]
+    assert got[5]["score"] is None and "pages '9': page 9 asked for, the PDF has 3 pages" in got[5]["error"]
+    assert "pairs[" not in got[5]["error"] and got[5]["error"].startswith("document")
+    assert got[6]["score"] is None and "'pages' goes with 'document_pdf' only" in got[6]["error"]
+    assert main(batch_args(tiny_ckpt, inp, tmp_path / "scores.parquet", "--skip-bad-rows", "--chunk-pairs", "2")) == 0
+    table = pq.read_table(tmp_path / "scores.parquet").to_pylist()
+    assert [t["score"] for t in table] == [g["score"] for g in got]
+    assert [None if t["pages"] is None else json.loads(t["pages"]) for t in table] == [g.get("pages") for g in got]
+
+
+def test_eval_corpus_rows_take_pdf_pages(tiny_ckpt, tiny_reranker, report, tmp_path):
+    """A ViDoRe-style set of pages: each corpus row one page of a PDF."""
+    root = report / "beir"
+    (root / "qrels").mkdir(parents=True)
+    corpus = [{"_id": f"p{n}", "pdf": "../docs/report.pdf", "pages": str(n)} for n in (1, 2, 3)]
+    corpus.append({"_id": "whole", "pdf": "../docs/report.pdf"})
+    (root / "corpus.jsonl").write_text("".join(json.dumps(c) + "\n" for c in corpus))
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "revenue"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\tp2\t1\n")
+    (root / "run.trec").write_text("".join(f"q Q0 {c['_id']} {r} {10 - r} bm25\n" for r, c in enumerate(corpus, 1)))
+    out = tmp_path / "out.trec"
+    assert main(eval_args(tiny_ckpt, {"root": root}, out)) == 0
+    got = {doc: score for doc, _, score in read_trec(out)["q"]}
+    path = str(report / "docs" / "report.pdf")
+    want = tiny_reranker.compute_score([["revenue", {"pdf": path, "pages": str(n)}] for n in (1, 2, 3)]
+                                       + [["revenue", {"pdf": path}]])
+    assert [got[k] for k in ("p1", "p2", "p3", "whole")] == pytest.approx(want, abs=1e-5)
+    assert got["whole"] == pytest.approx(max(got["p1"], got["p2"], got["p3"]), abs=1e-6)
+
+
 # ---- Ray ----------------------------------------------------------------------------------------
 
 

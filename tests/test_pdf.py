@@ -113,6 +113,27 @@ def test_pages_stream_in_passes(tiny_ckpt, monkeypatch):
                       ("render", 5), ("score", 1)]
 
 
+def test_a_pass_lets_its_pages_go_before_the_heap_trim(tiny_ckpt, monkeypatch):
+    """Once a pass is scored nothing holds its pages' patches, so the heap trim after it returns them: a long
+    PDF costs one pass's pages, not all of them."""
+    import weakref
+
+    import m0lite.reranker
+
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, max_batch_tokens=2 * 768, vision_cache_bytes=0)
+    refs, alive = [], []
+    real_score = rr._score
+
+    def score(pairs, **kw):
+        refs.extend(weakref.ref(d.pixels) for _, d in pairs)
+        return real_score(pairs, **kw)
+
+    monkeypatch.setattr(rr, "_score", score)
+    monkeypatch.setattr(m0lite.reranker, "trim_heap", lambda: alive.append(sum(r() is not None for r in refs)))
+    rr.rank(QUERY, [{"pdf": picture_pdf([A4] * 5, seed=5)}], pages_as_documents=True)
+    assert len(refs) == 5 and alive == [0, 0, 0]
+
+
 def test_a_page_seen_again_is_not_encoded_again(tiny_ckpt):
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
     data = picture_pdf([A4, LETTER, A4], seed=6)  # pages 1 and 3 hold different pictures

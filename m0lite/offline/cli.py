@@ -33,7 +33,7 @@ def add_offline_commands(sub) -> None:
 
     p = sub.add_parser("batch", help="score a .jsonl or .parquet table of (query, document) pairs")
     add_model_arguments(p)
-    p.add_argument("--input", required=True, type=Path, help="pairs: rows with query|query_image, document|document_image, id (optional)")
+    p.add_argument("--input", required=True, type=Path, help="pairs: rows with query|query_image, document|document_image|document_pdf (+ pages), id (optional)")
     p.add_argument("--output", required=True, type=Path, help="scores, .jsonl or .parquet: one row per input row, in input order")
     _add_job_arguments(p, doc_cache_mb=1024)
     p.set_defaults(func=cmd_batch)
@@ -178,9 +178,9 @@ def cmd_batch(args) -> None:
     result = _run(job, args, args.output)
     errors = {b.where: b.message for b in result.bad}
     rows = {b.where: {"row": b.line, "id": None, "score": None, "error": b.message} for b in bad}
-    for k, score in zip(order, result.scores):
+    for k, score, pages in zip(order, result.scores, result.pages):
         p, where = pairs[k], f"{args.input}:{pairs[k].row}"
-        rows[where] = {"row": p.row, "id": p.id, "score": score, "error": errors.get(where)}
+        rows[where] = {"row": p.row, "id": p.id, "score": score, "error": errors.get(where), "pages": pages}
     write_scores(args.output, sorted(rows.values(), key=lambda r: r["row"]))
     result.state.remove()
     print(f"{len(rows)} rows: {len(pairs) - len(result.bad)} scored, {len(result.bad)} failed to score, "

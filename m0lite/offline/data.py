@@ -1,9 +1,9 @@
 """The offline jobs' files: BEIR folders, TREC runs and tables of (query, document) pairs.
 
 A query or document is handed on as the Reranker takes it: a str (text) or
-{"image": path_or_url}, and a document also {"image": ..., "text": ...}. Relative
-image paths are resolved against the folder of the file that names them, so a job
-can be started from anywhere.
+{"image": path_or_url}, and a document also {"image": ..., "text": ...} or a PDF,
+{"pdf": path_or_url, "pages": "1-20"}. Relative image and PDF paths are resolved
+against the folder of the file that names them, so a job can be started from anywhere.
 
 Readers never drop a row silently: a row they cannot use becomes a `BadRow`
 naming its file and line, and the caller decides whether that is fatal.
@@ -32,11 +32,11 @@ class BadRow:
         return f"{self.where}: {self.message}"
 
 
-def image_source(value, base: Path):
-    """An image field -> what load_image takes: URLs and data URIs as they are, a relative path
-    resolved against `base` when that file exists (anything else, e.g. base64, as it is)."""
+def image_source(value, base: Path, noun: str = "image"):
+    """An image (or PDF) field -> what load_image (read_pdf) takes: URLs and data URIs as they are, a relative
+    path resolved against `base` when that file exists (anything else, e.g. base64, as it is)."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"image must be a non-empty string (path, URL or data URI), got {value!r}")
+        raise ValueError(f"{noun} must be a non-empty string (path, URL or data URI), got {value!r}"[:300])
     if value.startswith(URL_PREFIXES) or len(value) >= 4096:
         return value
     path = Path(value)
@@ -95,9 +95,21 @@ class Beir:
     bad: list[BadRow]
 
 
+def pdf_document(src, pages, base: Path) -> dict:
+    """A row's PDF and its optional pages ("3", 3, "1-20") -> the Reranker's {"pdf": ..., "pages": ...}. The
+    pages are checked against the PDF when it is opened, as the Python API does."""
+    if pages is not None and (isinstance(pages, bool) or not isinstance(pages, (str, int))):
+        raise ValueError(f"'pages' must be a string such as '1-20' or a page number, got {type(pages).__name__}")
+    doc = {"pdf": image_source(src, base, "pdf")}
+    return doc if pages is None else {**doc, "pages": pages}
+
+
 def _beir_input(obj: dict, base: Path):
-    """A BEIR row -> the Reranker's input: its image where it has one (ViDoRe-style sets), else
-    title and text joined as BEIR's own rerankers join them."""
+    """A BEIR row -> the Reranker's input: its PDF (with its 'pages', e.g. one page of a report in a
+    ViDoRe-style set of pages) or its image where it has one, else title and text joined as BEIR's own
+    rerankers join them."""
+    if obj.get("pdf"):
+        return pdf_document(obj["pdf"], obj.get("pages"), base)
     if obj.get("image"):
         return {"image": image_source(obj["image"], base)}
     title, text = obj.get("title") or "", obj.get("text") or ""
@@ -205,7 +217,7 @@ class Pair:
 
 
 PAIR_FIELDS = ("a row has 'query' or 'query_image', 'document' or 'document_image' (both: a document of an "
-               "image and its text), and optionally 'id'")
+               "image and its text) or 'document_pdf' (with 'pages' optional), and optionally 'id'")
 
 
 def _side(obj: dict, name: str, base: Path, allow_empty: bool):
@@ -213,6 +225,17 @@ def _side(obj: dict, name: str, base: Path, allow_empty: bool):
     together (the prompt has no place for a query of both)."""
     text, image = obj.get(name), obj.get(f"{name}_image")
     both = name == "document"
+    pdf = obj.get("document_pdf") if both else None
+    if both and isinstance(text, dict) and "pdf" in text:  # {"pdf": ..., "pages": ...}, as the Python API takes it
+        pdf, text = text, None
+        if set(pdf) - {"pdf", "pages"} or obj.get("pages") is not None:
+            raise ValueError(f"'document' as a PDF is {{'pdf': ..., 'pages': ...}}, got keys {sorted(map(str, pdf))}"
+                             + (" and 'pages'" if obj.get("pages") is not None else ""))
+        return pdf_document(pdf["pdf"], pdf.get("pages"), base)
+    if pdf is not None:
+        if text is not None or image is not None:
+            raise ValueError(f"give exactly one of 'document', 'document_image' and 'document_pdf' ({PAIR_FIELDS})")
+        return pdf_document(pdf, obj.get("pages"), base)
     if isinstance(text, dict):  # {"text": ...}, {"image": ...} (or, a document, both), as the Python API takes them
         keys = set(text)
         if not keys or keys - {"text", "image"} or (keys == {"text", "image"} and not both) or image is not None:
@@ -236,7 +259,10 @@ def _pair(obj: dict, row: int, base: Path) -> Pair:
     rid = obj.get("id")
     if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool)):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    return Pair(row, rid, _side(obj, "query", base, False), _side(obj, "document", base, True))
+    document = _side(obj, "document", base, True)
+    if obj.get("pages") is not None and not (isinstance(document, dict) and "pdf" in document):
+        raise ValueError("'pages' goes with 'document_pdf' only")
+    return Pair(row, rid, _side(obj, "query", base, False), document)
 
 
 def pairs_format(path: Path) -> str:
@@ -280,8 +306,9 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[BadRow]]:
 
 
 def write_scores(path: Path, rows: list[dict]) -> None:
-    """Rows {"row", "id", "score", "error"} to .jsonl (a null id or error left out; a failed row's
-    score is null) or .parquet, atomically: the file appears whole or not at all."""
+    """Rows {"row", "id", "score", "error"}, and "pages" (a PDF document's best pages) where a row has them, to
+    .jsonl (a null id, error or pages left out; a failed row's score is null) or .parquet (with a "pages" column,
+    JSON text, when any row has pages), atomically: the file appears whole or not at all."""
     tmp = path.with_name(f".{path.name}.tmp")
     if pairs_format(path) == "jsonl":
         text = "".join(json.dumps({k: v for k, v in r.items() if v is not None or k == "score"}, ensure_ascii=False) + "\n"
@@ -292,13 +319,17 @@ def write_scores(path: Path, rows: list[dict]) -> None:
         ids = [r["id"] for r in rows]
         # One type per column: integer ids stay integers unless strings are mixed in.
         id_type = pa.int64() if all(i is None or isinstance(i, int) for i in ids) else pa.string()
-        table = pa.table({
+        columns = {
             "row": pa.array([r["row"] for r in rows], pa.int64()),
             "id": pa.array([i if i is None or id_type == pa.int64() else str(i) for i in ids], id_type),
             "score": pa.array([r["score"] for r in rows], pa.float64()),
             "error": pa.array([r["error"] for r in rows], pa.string()),
-        })
-        pa.parquet.write_table(table, tmp)
+        }
+        if any(r.get("pages") is not None for r in rows):
+            # A list of {page, relevance_score} as JSON text: a struct column would tie readers to its shape.
+            columns["pages"] = pa.array([None if r.get("pages") is None else json.dumps(r["pages"]) for r in rows],
+                                        pa.string())
+        pa.parquet.write_table(pa.table(columns), tmp)
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..documents import result_fields
 from ..errors import InputError, M0liteError
 from .data import BadRow
 
@@ -123,7 +124,8 @@ def load_reranker(s: Settings):
 
 
 def score_chunk(rr, pairs: list[list], s: Settings) -> dict:
-    """{"scores": [float or None], "errors": [[index, message]]} for one chunk's pairs; in fatal mode
+    """{"scores": [float or None], "pages": [list or None], "errors": [[index, message]]} for one chunk's
+    pairs ("pages": a PDF document's best pages, as Reranker.rank gives them); in fatal mode
     {"fatal": [index, message]} at the first bad pair. A pair the Reranker refuses (its errors name
     the pair as `pairs[i] ...`) is taken out and the rest scored again without it."""
     live = list(range(len(pairs)))
@@ -133,8 +135,10 @@ def score_chunk(rr, pairs: list[list], s: Settings) -> dict:
             if cache is not None:
                 cache.clear()
         try:
-            scores = rr.compute_score([pairs[i] for i in live], batch_size=s.batch_size, max_length=s.max_length,
-                                      max_query_length=s.max_query_length, normalize_scores=s.normalize)
+            # score_pairs scores as compute_score does (the same document budget), and with details says
+            # which parts of a document (a PDF's pages) scored what.
+            scored, _ = rr.score_pairs([pairs[i] for i in live], s.normalize, batch_size=s.batch_size,
+                                       max_length=s.max_length, max_query_length=s.max_query_length, details=True)
             break
         except InputError as e:
             m = _BAD_PAIR.match(str(e))
@@ -146,11 +150,12 @@ def score_chunk(rr, pairs: list[list], s: Settings) -> dict:
                 return {"fatal": bad}
             errors.append(bad)
     else:
-        scores = []
-    out = [None] * len(pairs)
-    for i, score in zip(live, scores):
+        scored = []
+    out, pages = [None] * len(pairs), [None] * len(pairs)
+    for i, (score, parts) in zip(live, scored):
         out[i] = score
-    return {"scores": out, "errors": sorted(errors)}
+        pages[i] = result_fields(parts).get("pages")
+    return {"scores": out, "pages": pages, "errors": sorted(errors)}
 
 
 def score_chunks_here(job: Job, todo: list[int], s: Settings):
@@ -219,6 +224,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @dataclass
 class Result:
     scores: list  # per pair of the job: float, or None where the pair was bad
+    pages: list  # per pair of the job: a PDF document's best pages ([{page, relevance_score}]), else None
     bad: list[BadRow]  # the pairs skipped, in the job's order
     state: State
 
@@ -264,12 +270,13 @@ def run_job(job: Job, s: Settings, out: Path, *, score=None, progress: bool = Tr
         bar.close()
         if hasattr(results, "close"):
             results.close()
-    scores, bad = [None] * len(job.pairs), []
+    scores, pages, bad = [None] * len(job.pairs), [None] * len(job.pairs), []
     for c, (a, b) in enumerate(job.chunks):
         result = state.load(c)
         scores[a:b] = result["scores"]
+        pages[a:b] = result.get("pages") or [None] * (b - a)
         for i, message in result["errors"]:
             bad.append(BadRow(job.where[a + i], message))
             if c in done:  # skipped by an earlier run of this job: said again, so no report misses it
                 print(f"m0lite: skipped {bad[-1]} (in an earlier run)", file=sys.stderr)
-    return Result(scores, bad, state)
+    return Result(scores, pages, bad, state)

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from m0lite.documents import PAGES_SHOWN
+from m0lite.documents import best_parts, result_fields
 from m0lite.errors import ImageTooLargeError, InputError, PdfTooLargeError
 from m0lite.images import MAX_PIXELS, MIN_PIXELS
 
@@ -92,7 +92,8 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
     # Images are resized at load with the reranker's own bounds, so its preprocess resizes nothing.
     loader = InputLoader(settings, min_pixels=getattr(reranker, "min_pixels", MIN_PIXELS),
                          max_pixels=getattr(reranker, "max_pixels", MAX_PIXELS),
-                         count_tokens=getattr(reranker, "count_tokens", None), metrics=metrics)
+                         count_tokens=getattr(reranker, "count_tokens", None),
+                         tokenizer=getattr(reranker, "tokenizer", None), metrics=metrics)
     started = int(time.time())
 
     async def lifespan(app):
@@ -145,6 +146,9 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
         check_texts(task, settings)
         if task.explain and any(isinstance(d, PdfInput) for d in task.documents):
             raise HTTPError(422, "explain: not for PDF documents; explain a page by sending it as an image")
+        if task.explain and task.max_chunks_per_doc is not None:
+            raise HTTPError(422, "explain: not with max_chunks_per_doc; explain a window by sending its text "
+                                 "(the result's window: {start, end})")
         deadline = request.scope.get(ARRIVAL, time.monotonic()) + settings.request_timeout
         work = asyncio.ensure_future(_score(task, deadline))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -249,15 +253,16 @@ def build_app(reranker: Any, settings: ServerSettings | None = None) -> FastAPI:
 
 
 def _fold(task, owners, part_scores, part_tokens) -> tuple[list[float], list[int]]:
-    """Scores and tokens of the task's pairs from those of the pairs scored: a PDF's score is its best page's,
-    its best pages go on the task, its tokens are all its pages'."""
+    """Scores and tokens of the task's pairs from those of the pairs scored: a document scored in parts (a PDF's
+    pages, a text's windows) scores as its best part and counts the tokens of all; what its result says of
+    its parts (documents.result_fields) goes on the task."""
     scores, tokens = [float("-inf")] * len(task.pairs), [0] * len(task.pairs)
-    pages: dict[int, list[dict]] = {}
-    for (k, page), score, n in zip(owners, part_scores, part_tokens):
+    parts: dict[int, list[tuple[float, dict]]] = {}
+    for (k, info), score, n in zip(owners, part_scores, part_tokens):
         scores[k], tokens[k] = max(scores[k], score), tokens[k] + n
-        if page is not None:
-            pages.setdefault(k, []).append({"page": page, "relevance_score": score})
-    task.pages = {k: sorted(p, key=lambda r: -r["relevance_score"])[:PAGES_SHOWN] for k, p in pages.items()}
+        if info:
+            parts.setdefault(k, []).append((score, info))
+    task.parts = {k: result_fields(best_parts(scored)) for k, scored in parts.items()}
     return scores, tokens
 
 

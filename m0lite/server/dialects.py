@@ -2,12 +2,14 @@
 
     route            dialect     request                         answer
     /v1/rerank       jina        {query, documents, top_n,       {id, model, usage, results: [{index,
-    /rerank          (vLLM,       return_documents=true,          relevance_score, document?,
-    /reranking       llama.cpp)   explain=false, explain_method}  explanation?}]} best first
-    /v1/reranking
+    /rerank          (vLLM,       return_documents=true,          relevance_score, pages?, window?,
+    /reranking       llama.cpp)   explain=false, explain_method,  document?, explanation?}]} best first
+    /v1/reranking                 pdf_text, max_chunks_per_doc,
+                                  chunk_overlap}
     /v1/rerank       cohere-v1   as jina, return_documents=false {id, results, meta: {api_version: 1,
                                  (Cohere's SDK, or rank_fields /   billed_units}}
-                                 max_chunks_per_doc in the body)
+                                 max_chunks_per_doc /
+                                 max_tokens_per_doc in the body)
     /v2/rerank       cohere-v2   as cohere-v1                    as cohere-v1, api_version 2
     /rerank          tei         {query, texts, raw_scores,      [{index, score, text?}] best first
                                  return_text, truncate=false,
@@ -59,7 +61,10 @@ class Task:
     explain: str | None = None  # the method of the explanations asked for, or None
     explanations: dict[int, dict] = field(default_factory=dict)  # set after scoring: result index -> explanation
     pdf_text: bool = False  # a PDF's pages are scored with their text
-    pages: dict[int, list[dict]] = field(default_factory=dict)  # set after scoring: a PDF's best pages, by pair index
+    max_chunks_per_doc: int | None = None  # a long text document is scored in up to this many windows
+    chunk_overlap: int | None = None  # tokens consecutive windows share (None: documents.check_windows' default)
+    parts: dict[int, dict] = field(default_factory=dict)  # set after scoring: by pair index, what a result says of
+    # the document's parts (documents.result_fields: a PDF's best pages, a text's best window)
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class Dialect:
 def _rerank_task(req: CohereRerankRequest | RerankRequest) -> Task:
     docs = list(req.documents)
     return Task(pairs=[(req.query, d) for d in docs], wheres=[("query", f"documents[{i}]") for i in range(len(docs))],
-                documents=docs, top_n=req.top_n, return_documents=req.return_documents, pdf_text=req.pdf_text)
+                documents=docs, top_n=req.top_n, return_documents=req.return_documents, pdf_text=req.pdf_text,
+                max_chunks_per_doc=req.max_chunks_per_doc, chunk_overlap=req.chunk_overlap)
 
 
 def _jina_task(req: RerankRequest) -> Task:
@@ -125,8 +131,7 @@ def _results(task: Task, scores: list[float]) -> list[dict]:
     results = []
     for i in ranked(task, scores):
         result = {"index": i, "relevance_score": scores[i]}
-        if i in task.pages:
-            result["pages"] = task.pages[i]
+        result.update(task.parts.get(i, {}))
         if task.return_documents:
             result["document"] = _echo(task.documents[i])
         if i in task.explanations:

@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from m0lite.documents import check_windows, split_text
 from m0lite.errors import ImageError, ImageTooLargeError, InputError, M0liteError, PdfError, PdfTooLargeError
 from m0lite.images import MAX_PIXELS, MIN_PIXELS, parse_image_source, smart_resize
 from m0lite.images.decode import decode, image_size
@@ -65,6 +66,8 @@ def check_texts(task: Task, settings) -> None:
                 raise RequestTooLarge(f"{where}: text is {len(x.text)} characters, over the limit of "
                                       f"{settings.max_text_chars} (--max-text-chars)")
             check_text(x.text, where, allow_empty=not is_query)  # e.g. no <|image_pad|> in text
+    if task.max_chunks_per_doc is not None:
+        task.chunk_overlap = check_windows(task.max_chunks_per_doc, task.chunk_overlap, doc_token_cap(settings))
 
 
 def _distinct_sides(task: Task) -> list[tuple[Any, str, bool]]:
@@ -80,10 +83,11 @@ class InputLoader:
     """Loads tasks' images on a thread pool, under the image memory budget, and prices their pairs."""
 
     def __init__(self, settings, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                 count_tokens=None, metrics=None):
+                 count_tokens=None, tokenizer=None, metrics=None):
         self.settings = settings
         self.bounds = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         self.count_tokens = count_tokens
+        self.tokenizer = tokenizer  # the model's (prompt.Tokenizer), to cut long texts into windows
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(settings.image_threads, thread_name_prefix="m0lite-image")
         gauge = metrics.image_bytes_held.set if metrics is not None else None
@@ -95,11 +99,12 @@ class InputLoader:
         self.pdfs.close()
 
     async def prepare(self, task: Task, deadline: float
-                      ) -> tuple[list[tuple[Any, Any]], list[Cost], list[tuple[int, int] | None], list[tuple[int, int | None]]]:
+                      ) -> tuple[list[tuple[Any, Any]], list[Cost], list[tuple[int, int] | None], list[tuple[int, dict]]]:
         """The pairs to score with images as model-sized PIL images, each pair's cost, the size (width,
         height) of each task pair's document image as sent (None for a text document), for explanations,
-        and each pair scored's owner: (task pair index, PDF page number or None). A PDF document is
-        rendered (in the worker process) into one pair per page."""
+        and each pair scored's owner: (task pair index, part info as m0lite.documents.Part has it: {} for a
+        whole document). A PDF document is rendered (in the worker process) into one pair per page; with
+        max_chunks_per_doc, a text document is one pair per window, as Reranker.rank cuts it."""
         sides = _distinct_sides(task)
         pdfs = {id(x): (x, where) for x, where, _ in sides if isinstance(x, PdfInput)}
         rendered = dict(zip(pdfs, await self._run(
@@ -135,16 +140,20 @@ class InputLoader:
         if pdf_pixels > self.settings.max_request_pixels:
             raise RequestTooLarge(f"request's PDF pages have {pdf_pixels:,} pixels in all, over the limit of "
                                   f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
+        windows = await self._windows(task, sides, deadline)
         pairs, costs, owners = [], [], []
         for k, (q, d) in enumerate(task.pairs):
             if isinstance(d, PdfInput):
-                docs = [({"image": p.image, "text": p.text} if task.pdf_text else p.image, p.number) for p in rendered[id(d)]]
+                docs = [({"image": p.image, "text": p.text} if task.pdf_text else p.image, {"page": p.number})
+                        for p in rendered[id(d)]]
+            elif id(d) in windows:
+                docs = [(d.text[a:b], {"window": {"start": a, "end": b}}) for a, b in windows[id(d)]]
             else:
-                docs = [(side(d), None)]
-            for doc, page in docs:
+                docs = [(side(d), {})]
+            for doc, info in docs:
                 pairs.append((side(q), doc))
                 costs.append(self._cost(*pairs[-1]))
-                owners.append((k, page))
+                owners.append((k, info))
         tokens = sum(c.tokens for c in costs)
         if tokens > self.settings.max_request_tokens:
             raise RequestTooLarge(f"request needs about {tokens:,} prompt tokens over its {len(pairs)} pairs "
@@ -152,6 +161,23 @@ class InputLoader:
                                   f"{self.settings.max_length}), over the limit of "
                                   f"{self.settings.max_request_tokens:,} (--max-request-tokens)")
         return pairs, costs, [sizes.get(d.image) if isinstance(d, ImageInput) else None for _, d in task.pairs], owners
+
+    async def _windows(self, task: Task, sides, deadline: float) -> dict[int, list[tuple[int, int]]]:
+        """With max_chunks_per_doc, each text document's windows (character spans), by id: the whole text
+        for one shorter in bytes than the document budget in tokens (it cannot be cut), else
+        documents.split_text's, tokenized on the pool."""
+        if task.max_chunks_per_doc is None:
+            return {}
+        cap = doc_token_cap(self.settings)
+        texts = {id(x): x.text for x, _, is_query in sides if isinstance(x, TextInput) and not is_query}
+        windows = {k: [(0, len(text))] for k, text in texts.items()}
+        long = [k for k, text in texts.items() if len(text.encode()) >= cap]
+        if long and self.tokenizer is None:
+            raise InputError("max_chunks_per_doc: this server's model has no tokenizer to cut texts into windows")
+        spans = await self._run([(split_text, self.tokenizer, texts[k], cap, task.max_chunks_per_doc,
+                                  task.chunk_overlap) for k in long], deadline) if long else []
+        windows.update(zip(long, spans))
+        return windows
 
     def _pdf(self, x: PdfInput, where: str, with_text: bool) -> list:
         """Fetch or base64-decode one PDF and render its pages in the worker process (pool thread)."""

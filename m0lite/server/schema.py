@@ -2,9 +2,10 @@
 
 The main shape is Jina's (https://api.jina.ai/v1/rerank):
 
-    request   {model, query, documents, top_n?, return_documents?, explain?, explain_method?}
+    request   {model, query, documents, top_n?, return_documents?, explain?, explain_method?, pdf_text?,
+               max_chunks_per_doc?, chunk_overlap?}
     response  {id, model, usage: {total_tokens, prompt_tokens},
-               results: [{index, relevance_score, document?, explanation?}]}
+               results: [{index, relevance_score, pages?, window?, document?, explanation?}]}
 
 `query` and each document are a string (text), `{"text": ...}` or `{"image": src}`,
 where src is an http(s) URL, a data URI or bare base64; a document may also be both,
@@ -186,6 +187,18 @@ def _bool(name: str):
 _parse_bool = _bool("return_documents")
 
 
+def _count(name: str, least: int):
+    """An optional integer of at least `least`."""
+    def parse(value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            got = json_type(value) if not isinstance(value, int) or isinstance(value, bool) else repr(value)
+            raise ValueError(f"{name}: expected an integer of at least {least}, got {got}"[:200])
+        return value
+    return parse
+
+
 def _parse_method(value: Any) -> str:
     if value not in EXPLAIN_METHODS:
         got = repr(value) if isinstance(value, str) else json_type(value)
@@ -234,6 +247,11 @@ class RerankFields(BaseModel):
     )
     pdf_text: Annotated[bool, BeforeValidator(_bool("pdf_text"))] = Field(
         False, description="Score each page of a PDF document with its extracted text (else its image alone).")
+    max_chunks_per_doc: Annotated[int | None, BeforeValidator(_count("max_chunks_per_doc", 1))] = Field(
+        None, description="Score a text document longer than the model reads as up to this many windows of what it "
+                          "reads; it scores as its best window, which its result names ('window'). Absent: cut.")
+    chunk_overlap: Annotated[int | None, BeforeValidator(_count("chunk_overlap", 0))] = Field(
+        None, description="Tokens consecutive windows share (default 128, at most a quarter of a window).")
 
 
 class RerankRequest(RerankFields):
@@ -328,6 +346,9 @@ class RerankResult(BaseModel):
     document: TextInput | ImageInput | PdfInput | None = None
     pages: list[dict] | None = Field(None, description=(
         "A PDF document's best pages, [{page, relevance_score}] best first (1-based); its score is the first's."))
+    window: dict | None = Field(None, description=(
+        "With max_chunks_per_doc, a text document's best window, {start, end} (character offsets); its score is "
+        "that window's."))
     explanation: dict | None = Field(None, description=(
         "With explain: {method, score, raw_score, text: [{token, start, end, score}], text_omitted, image: null "
         "or {width, height, rows, cols, regions: [{row, col, box, score}], regions_omitted}}."))
