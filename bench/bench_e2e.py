@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from bench.e2e_worker import TIMED_VARIANTS, WORKLOADS  # noqa: E402  (the worker module imports nothing heavy at top level)
 # Before anything imports torch: M0LITE_CPU_ISA's caps on oneDNN and MKL go into this process's environment, so that
 # the header names them and every side's worker, the reference's included, inherits them.
-import m0lite.cpu  # noqa: E402,F401
+import m0lite.cpu  # noqa: E402
 
 
 def quick_config():
@@ -97,22 +97,16 @@ def warm_page_cache(folder: Path) -> None:
 
 
 def cpu_info() -> tuple[str, set[str]]:
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == "unknown CPU":
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    # Instruction sets held back (to measure what an older CPU runs) are named with the CPU, in outputs and CSVs.
-    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)]
-    return model + (f" [{', '.join(caps)}]" if caps else ""), flags
+    """The CPU as m0lite sees it (m0lite/cpu.py): its name with any mask or library cap in force, and its flags
+    less the masked ones."""
+    return m0lite.cpu.describe(), set(m0lite.cpu.flags())
 
 
 def default_dtype(flags: set[str]) -> tuple[str, str]:
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    native = sorted(flags & set(m0lite.cpu.NATIVE_BF16))
     if native:
         return "bf16", f"the CPU has native bf16 ({', '.join(native)})"
-    return "fp32", "the CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag): bf16 would be emulated"
+    return "fp32", f"the CPU has no native bf16 (no {' / '.join(m0lite.cpu.NATIVE_BF16)} flag): bf16 would be emulated"
 
 
 def git_state() -> tuple[str, str]:

@@ -13,13 +13,10 @@ and after ranking.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,33 +29,6 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def long_pdf(pages: int) -> bytes:
-    import pypdfium2 as pdfium
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    pdf = pdfium.PdfDocument.new()
-    for _ in range(pages):
-        page = pdf.new_page(595, 842)  # A4
-        picture = pdfium.PdfImage.new(pdf)
-        picture.set_bitmap(pdfium.PdfBitmap.from_pil(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))))
-        picture.set_matrix(pdfium.PdfMatrix().scale(500, 700).translate(40, 60))
-        page.insert_obj(picture)
-        page.gen_content()
-        page.close()
-    buf = io.BytesIO()
-    pdf.save(buf)
-    pdf.close()
-    return buf.getvalue()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=300)
@@ -69,10 +39,11 @@ def main() -> None:
 
     import torch
 
-    from m0lite import Reranker
+    from m0lite import Reranker, cpu
+    from m0lite.fixtures.pdfs import picture_pdf
     from m0lite.fixtures.random_checkpoint import write_random_checkpoint
 
-    data = long_pdf(args.pages)
+    data = picture_pdf([(595, 842)] * args.pages)  # A4 pages
     with tempfile.TemporaryDirectory() as tmp:
         rr = Reranker.from_pretrained(write_random_checkpoint(Path(tmp) / "tiny", seed=0), dtype=torch.float32,
                                       vision_cache_bytes=args.vision_cache_mb * 2**20)
@@ -83,7 +54,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         peak = vm_hwm_mib()
     assert len(results) == args.pages
-    print(f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu.describe()}, torch threads {torch.get_num_threads()}")
     cached = rr.vision_cache.nbytes / 2**20 if rr.vision_cache is not None else 0
     print(f"PDF: {args.pages} A4 pages, {len(data) / 2**20:.1f} MiB; pages per pass {rr._pages_per_pass()}; "
           f"vision cache {cached:.0f} MiB held (bound {args.vision_cache_mb} MiB)")

@@ -8,7 +8,6 @@ run); on CPU a wall-clock timer after warm-up. Both report the median and the
 import csv
 import datetime
 import os
-import platform
 import re
 import statistics
 import sys
@@ -21,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from m0lite import cpu  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -28,12 +29,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 def device_name():
     if CUDA:
         return torch.cuda.get_device_name()
-    model = platform.processor() or "CPU"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{cpu.describe()} ({os.cpu_count()} cores)"  # with any mask or library cap in force
 
 
 def no_gpu_banner(script):
