@@ -80,10 +80,10 @@ def capture(rr: Reranker, block, workload: str, folder: Path, pairs_slice=slice(
 
 def stages(block, args) -> dict:
     """name -> a function running that stage once over the captured inputs."""
-    x = args[0]
+    x, ctx = args
     n = x.shape[0]
-    q, k, v = rowwise(block._qkv, *args[:3])
-    cu, max_len = args[3], args[4]
+    q, k, v = rowwise(block._qkv, x, ctx.cos, ctx.sin)
+    cu, max_len = ctx.cu_seqlens, ctx.max_seqlen
     halves = []
     for half in matmul_calls(block):
         calls = []
@@ -106,7 +106,7 @@ def stages(block, args) -> dict:
 
 def flops(block, args) -> tuple[float, float]:
     """(matmul FLOPs, attention scores (query-key pairs times heads)) of one pass."""
-    x, cu = args[0], args[3].tolist()
+    x, cu = args[0], args[1].cu_seqlens.tolist()
     mm = sum(2 * x.shape[0] * lin.in_features * lin.out_features for half in matmul_calls(block) for lin, _ in half)
     causal, heads = hasattr(block, "self_attn"), attention(block).n_heads
     scores = sum((L * (L + 1) / 2 if causal else L * L) for L in (e - s for s, e in zip(cu[:-1], cu[1:]))) * heads

@@ -23,6 +23,7 @@ from torch import nn
 
 from .kernels import ops
 from .config import TextConfig
+from .context import Context
 from .memory import LookupPages
 from .rope import apply_rotary
 
@@ -70,16 +71,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         return apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None):
-        """(T, hidden) -> (T, hidden). `past`: an `ops.Past`, each sequence's keys/values to attend to before its tokens;
-        `keep`: a list to append this layer's (k, v) to."""
+    def forward(self, x, ctx: Context):
+        """(T, hidden) -> (T, hidden) and this layer's rotated keys and values (T, nkv, hd); each sequence
+        attends to its cached prefix (`ctx.past`) first."""
         T = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # (T, nh, hd)
-        k, v = self.kv(x, cos, sin)  # (T, nkv, hd)
-        if keep is not None:
-            keep.append((k, v))
-        out = ops.causal_attention(q, k, v, cu_seqlens, max_seqlen, past)  # (T, nh, hd)
-        return self.o_proj(out.flatten(1))  # (T, nh * hd) -> (T, hidden)
+        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), ctx.cos, ctx.sin)  # (T, nh, hd)
+        k, v = self.kv(x, ctx.cos, ctx.sin)  # (T, nkv, hd)
+        out = ops.causal_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, ctx.past)  # (T, nh, hd)
+        return self.o_proj(out.flatten(1)), k, v  # (T, nh * hd) -> (T, hidden)
 
 
 class MLP(nn.Module):
@@ -102,19 +101,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None, rows=None):
-        """(T, hidden) -> (T, hidden), or (len(rows), hidden) for `rows`: the output only of these
-        token rows (the last layer needs only each sequence's last token; attention still reads
-        every token)."""
-        a = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, past, keep)
-        if rows is not None:
-            x, a = x[rows], a[rows]
-        n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a, n = norm(h): one kernel on CUDA
-        return h + self.mlp(n)
+    def forward(self, x, ctx: Context):
+        """(T, hidden) -> (T, hidden), or (len(ctx.out_rows), hidden): the output only of those token rows
+        (the last layer needs only each sequence's last token; attention still reads every token)."""
+        return self.prefill(x, ctx)[0]
 
-    def kv(self, x, cos, sin):
-        """This layer's rotated keys and values of rows x, without its output (`Decoder.prefill`)."""
-        return self.self_attn.kv(self.input_layernorm(x), cos, sin)
+    def prefill(self, x, ctx: Context):
+        """`forward`'s output, and this layer's rotated keys and values (T, nkv, hd) of every row."""
+        a, k, v = self.self_attn(self.input_layernorm(x), ctx)
+        if ctx.out_rows is not None:
+            x, a = x[ctx.out_rows], a[ctx.out_rows]
+        n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a, n = norm(h): one kernel on CUDA
+        return h + self.mlp(n), k, v
+
+    def kv(self, x, ctx: Context):
+        """This layer's rotated keys and values of rows x, without its output (the last layer's prefill)."""
+        return self.self_attn.kv(self.input_layernorm(x), ctx.cos, ctx.sin)
 
 
 class Decoder(nn.Module):
@@ -127,10 +129,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, cu_seqlens, max_seqlen, past=None):
+    def forward(self, h, ctx: Context, past=None):
         """Embeddings (tokens, hidden) -> final-norm hidden state of each sequence's last token
         (batch, hidden). `past`: per sequence, the (layers, 2, P, nkv, hd) keys and values of its prefix."""
-        last = cu_seqlens[1:].long() - 1
+        last = ctx.cu_seqlens[1:].long() - 1
         if past is not None:  # the prefixes' offsets, known on the host: no device read per layer
             cu_past = ops.cu_seqlens([p.shape[2] for p in past], h.device)
         for i, layer in enumerate(self.layers):
@@ -138,15 +140,16 @@ class Decoder(nn.Module):
             layer_past = None if past is None else ops.Past(torch.cat([p[i, 0] for p in past]),
                                                             torch.cat([p[i, 1] for p in past]), cu_past)
             # The score reads only the last token of each sequence; the last layer computes nothing else.
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen, layer_past, rows=last if i == len(self.layers) - 1 else None)
+            h = layer(h, ctx.at(past=layer_past, out_rows=last if i == len(self.layers) - 1 else None))
         return self.norm(h)
 
-    def prefill(self, h, cos, sin, cu_seqlens, max_seqlen) -> list[torch.Tensor]:
+    def prefill(self, h, ctx: Context) -> list[torch.Tensor]:
         """Keys and values of every layer for a ragged batch of prefixes: per sequence (layers, 2, P, nkv, hd)."""
-        keep: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kvs = []
         for layer in self.layers[:-1]:
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen, keep=keep)
-        keep.append(self.layers[-1].kv(h, cos, sin))  # the last layer's output is not needed
-        bounds = cu_seqlens.tolist()
-        kv = torch.stack([torch.stack(pair) for pair in keep])  # (layers, 2, T, nkv, hd)
+            h, k, v = layer.prefill(h, ctx)
+            kvs.append((k, v))
+        kvs.append(self.layers[-1].kv(h, ctx))  # the last layer's output is not needed
+        bounds = ctx.cu_seqlens.tolist()
+        kv = torch.stack([torch.stack(pair) for pair in kvs])  # (layers, 2, T, nkv, hd)
         return [kv[:, :, s:e].clone() for s, e in zip(bounds[:-1], bounds[1:])]

@@ -212,8 +212,8 @@ def attention_weights(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     probs = []
 
     def hook(layer, args):
-        x, cos, sin = args[:3]
-        probs.append(last_token_attention(layer, x, cos, sin).mean(0))
+        x, ctx = args
+        probs.append(last_token_attention(layer, x, ctx.cos, ctx.sin).mean(0))
 
     layers = rr.model.model.layers
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
@@ -234,7 +234,8 @@ def score_path(model, token: int, position: torch.Tensor, kv: torch.Tensor, bias
     its attention logits in every layer and head. The layers' math written out in plain torch (the RMSNorm
     twin, softmax attention as in last_token_attention), so that autograd runs through it on any device."""
     dec = model.model
-    h, cos, sin, _, _ = model._inputs(RaggedBatch.of([[token]], [position], [[]]), None)  # (1, hidden), (1, hd)
+    h, ctx = model._inputs(RaggedBatch.of([[token]], [position], [[]]), None)  # (1, hidden)
+    cos, sin = ctx.cos, ctx.sin  # (1, hd)
     for layer, (past_k, past_v) in zip(dec.layers, kv):
         attn, norm, post = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
         x = rms_norm_torch(h, norm.weight, norm.eps)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .kernels import ops
 from .config import ModelConfig
+from .context import Context
 from .decoder import Decoder
 from .rope import inv_freq, mrope_cos_sin
 from .vision import VisionTower
@@ -60,8 +61,9 @@ class JinaReranker(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
-    def _inputs(self, batch: RaggedBatch, image_embeds: torch.Tensor | None):
-        """Token embeddings with the visual tokens in the image slots, and the M-RoPE cos/sin."""
+    def _inputs(self, batch: RaggedBatch, image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, Context]:
+        """Token embeddings with the visual tokens in the image slots, and the pass's context (M-RoPE cos/sin,
+        sequence boundaries)."""
         dev, cfg = self.device, self.cfg
         input_ids = batch.input_ids.to(dev)
         h = self.model.embed_tokens(input_ids).to(self.dtype)  # (an int8 table expands to fp32)
@@ -73,7 +75,7 @@ class JinaReranker(nn.Module):
             h[slots] = image_embeds.to(h.dtype)
         freqs = inv_freq(cfg.text.head_dim, cfg.text.rope_theta).to(dev)
         cos, sin = mrope_cos_sin(batch.positions, freqs, cfg.text.mrope_section, h.dtype)
-        return h, cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen
+        return h, Context(cos, sin, batch.cu_seqlens.to(dev), batch.max_seqlen)
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, pixel_values: torch.Tensor | None = None, *,
@@ -86,7 +88,7 @@ class JinaReranker(nn.Module):
         `pixel_values`; `past`: per sequence, the keys/values of a prefix it continues."""
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.visual(pixel_values.to(self.device), batch.grids)
-        last = self.model(*self._inputs(batch, image_embeds), past=past)
+        last = self.model(*self._inputs(batch, image_embeds), past=past)  # (batch, hidden)
         return self.score(last).squeeze(-1).float()
 
     @torch.inference_mode()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .kernels import ops
 from .config import VisionConfig
+from .context import Context
 from .rope import apply_rotary, inv_freq, vision_cos_sin, vision_positions
 
 
@@ -39,14 +40,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, ctx: Context):
         """(P, embed) -> (P, embed): attention within each image."""
         P = x.shape[0]
         q, k, v = self.qkv(x).view(P, 3, self.n_heads, self.head_dim).unbind(1)  # 3 x (P, nh, hd)
         # The reference rotates in fp32 whatever the model dtype.
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = ops.attention(q, k, v, cu_seqlens, max_seqlen, causal=False)
+        q = apply_rotary(q.float(), ctx.cos, ctx.sin).to(x.dtype)
+        k = apply_rotary(k.float(), ctx.cos, ctx.sin).to(x.dtype)
+        out = ops.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, causal=False)
         return self.proj(out.flatten(1))  # (P, nh * hd) -> (P, embed)
 
 
@@ -74,8 +75,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, ctx: Context):
+        x = x + self.attn(self.norm1(x), ctx)
         return x + self.mlp(self.norm2(x))
 
 
@@ -109,9 +110,9 @@ class VisionTower(nn.Module):
         cos, sin = vision_cos_sin(vision_positions(grid_thw, cfg.spatial_merge_size), freqs)
         # Each frame of each image is its own attention block.
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        cu_seqlens = ops.cu_seqlens(lengths, x.device)
+        ctx = Context(cos, sin, ops.cu_seqlens(lengths, x.device), max(lengths))
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens, max(lengths))
+            x = block(x, ctx)
         return x
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:

@@ -166,10 +166,11 @@ def test_attention_is_the_layers_own(tiny_reranker):
     seen = []
 
     def pre(layer, args):
-        seen.append(("in", args[0], args[1], args[2]))
+        x, ctx = args
+        seen.append(("in", x, ctx.cos, ctx.sin))
 
     def post(attn, args, out):
-        seen.append(("out", out[-1]))
+        seen.append(("out", out[0][-1]))  # (output, keys, values): the score token's output
 
     handles = [layer.register_forward_pre_hook(pre) for layer in rr.model.model.layers]
     handles += [layer.self_attn.register_forward_hook(post) for layer in rr.model.model.layers]

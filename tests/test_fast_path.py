@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from m0lite import InputError, Reranker, memory
+from m0lite.context import Context
 from m0lite.transforms import chunked, onednn, pack_weights, packable
 from m0lite.transforms.chunked import (ROW_MULTIPLE, FastDecoderLayer, FastVisionBlock, apply_rotary_pairs, pair_order,
                                       rowwise)
@@ -158,10 +159,10 @@ def test_packed_vision_block_matches_the_plain_one():
     n = sum(t * h * w for t, h, w in grid)
     x, cu = torch.randn(n, 160).bfloat16(), torch.tensor([0, 320, n], dtype=torch.int32)
     with torch.inference_mode():
-        exact = block.float()(x.float(), cos, sin, cu, 320)
+        exact = block.float()(x.float(), Context(cos, sin, cu, 320))
         block.bfloat16()
-        plain = block(x, cos, sin, cu, 320).float()
-        packed = FastVisionBlock(block, OneDNNLinear)(x, cos, sin, cu, 320).float()
+        plain = block(x, Context(cos, sin, cu, 320)).float()
+        packed = FastVisionBlock(block, OneDNNLinear)(x, Context(cos, sin, cu, 320)).float()
     err = lambda y: ((y - exact).pow(2).mean() / exact.pow(2).mean()).sqrt().item()  # noqa: E731
     assert err(plain) < 0.05 and err(packed) < 1.5 * err(plain) + 1e-3, (err(packed), err(plain))
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
+from ..context import Context
 from ..decoder import DecoderLayer
 from ..rope import apply_rotary
 from ..vision import QUICK_GELU, VisionBlock
@@ -93,18 +94,27 @@ class FastDecoderLayer(nn.Module):
             for name in names:
                 setattr(m, name, make(getattr(m, name)))
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, past=None, keep=None, rows=None):
-        q, k, v = rowwise(self._qkv, x, cos, sin)
-        if keep is not None:
-            keep.append((k, v))
-        a = ops.causal_attention(q, k, v, cu_seqlens, max_seqlen, past).flatten(1)  # (T, nh * hd), before o_proj
+    def forward(self, x, ctx: Context):
+        q, k, v = rowwise(self._qkv, x, ctx.cos, ctx.sin)
+        a = self._attend(q, k, v, ctx)
         del q, k, v  # not held while the output is computed (a pass's peak memory)
-        if rows is not None:
-            a, x = a[rows], x[rows]
-        return rowwise(self._out, a, x)
+        return self._output(a, x, ctx)
 
-    def kv(self, x, cos, sin):
-        return self.self_attn.kv(self.input_layernorm(x), cos, sin)
+    def prefill(self, x, ctx: Context):
+        q, k, v = rowwise(self._qkv, x, ctx.cos, ctx.sin)
+        a = self._attend(q, k, v, ctx)
+        return self._output(a, x, ctx), k, v
+
+    def kv(self, x, ctx: Context):
+        return self.self_attn.kv(self.input_layernorm(x), ctx.cos, ctx.sin)
+
+    def _attend(self, q, k, v, ctx: Context):
+        return ops.causal_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, ctx.past).flatten(1)  # (T, nh * hd)
+
+    def _output(self, a, x, ctx: Context):
+        if ctx.out_rows is not None:
+            a, x = a[ctx.out_rows], x[ctx.out_rows]
+        return rowwise(self._out, a, x)
 
     def _qkv(self, x, cos, sin):
         """Rotated queries (T, nh, hd), keys and values (T, nkv, hd) of rows x."""
@@ -182,9 +192,9 @@ class FastVisionBlock(nn.Module):
         mlp.fc1 = make(mlp.fc1, weight_scale=QUICK_GELU, bias_scale=QUICK_GELU)
         mlp.fc2 = make(mlp.fc2, weight_scale=1 / QUICK_GELU)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        q, k, v = rowwise(self._qkv, x, cos, sin)
-        a = self.attention(q, k, v, cu_seqlens, max_seqlen, causal=False).flatten(1)  # (P, nh * hd)
+    def forward(self, x, ctx: Context):
+        q, k, v = rowwise(self._qkv, x, ctx.cos, ctx.sin)
+        a = self.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, causal=False).flatten(1)  # (P, nh * hd)
         del q, k, v  # as in FastDecoderLayer
         return rowwise(self._out, a, x)
 
