@@ -151,9 +151,9 @@ def scores_without(rr, lay: Layout, removals: list[tuple[list[int], list[int]]])
     lay.image_rows), those text tokens deleted and those regions' visual tokens replaced by the image's
     mean visual token. An empty removal scores the whole prompt."""
     model, cfg = rr.model, rr.model.cfg
-    visual = rr._visual_tokens(lay.images)
+    visual = rr.visual_tokens(lay.images)
     full = RaggedBatch.of([lay.ids], [lay.positions], [lay.grids])
-    rr._before_pass(model.model, len(lay.ids))
+    rr.fast.before_pass(model.model, len(lay.ids))
     kv = model.prefill(full, visual)[0]  # (layers, 2, tokens, kv_heads, head_dim), the whole prompt's
     slots = [r for r, i in enumerate(lay.ids) if i == cfg.image_token_id]  # row of each visual token
     mean = visual[: len(lay.image_rows)].mean(0) if lay.image_rows else None
@@ -182,7 +182,7 @@ def scores_without(rr, lay: Layout, removals: list[tuple[list[int], list[int]]])
         with_images = [v for v in group if v[3] < len(slots)]
         batch = RaggedBatch.of([v[1] for v in group], [v[2] for v in group], [lay.grids if with_images else []])
         vis = torch.cat([embeds(v[3], v[4]) for v in with_images]) if with_images else None
-        rr._before_pass(model.model, batch.input_ids.numel())
+        rr.fast.before_pass(model.model, batch.input_ids.numel())
         scores += model(batch, image_embeds=vis, past=[kv[:, :, : v[0]] for v in group]).tolist()
     return scores
 
@@ -219,8 +219,8 @@ def attention_weights(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     try:
         batch = RaggedBatch.of([lay.ids], [lay.positions], [lay.grids])
-        rr._before_pass(rr.model.model, len(lay.ids))
-        raw = rr.model(batch, image_embeds=rr._visual_tokens(lay.images)).item()
+        rr.fast.before_pass(rr.model.model, len(lay.ids))
+        raw = rr.model(batch, image_embeds=rr.visual_tokens(lay.images)).item()
     finally:
         for h in handles:
             h.remove()
@@ -234,7 +234,7 @@ def score_path(model, token: int, position: torch.Tensor, kv: torch.Tensor, bias
     its attention logits in every layer and head. The layers' math written out in plain torch (the RMSNorm
     twin, softmax attention as in last_token_attention), so that autograd runs through it on any device."""
     dec = model.model
-    h, ctx = model._inputs(RaggedBatch.of([[token]], [position], [[]]), None)  # (1, hidden)
+    h, ctx = model.inputs(RaggedBatch.of([[token]], [position], [[]]), None)  # (1, hidden)
     cos, sin = ctx.cos, ctx.sin  # (1, hd)
     for layer, (past_k, past_v) in zip(dec.layers, kv):
         attn, norm, post = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
@@ -266,12 +266,12 @@ def contributions(rr, lay: Layout) -> tuple[float, torch.Tensor]:
     if not plain_decoder(model.model):
         raise InputError("method 'contribution' runs a backward pass through the decoder's plain weights; this "
                          "reranker's decoder is packed or int8: load it with pack_weights=False and without quantize")
-    visual = rr._visual_tokens(lay.images)
+    visual = rr.visual_tokens(lay.images)
     prefix = RaggedBatch.of([lay.ids[:-1]], [lay.positions[:, :-1]], [lay.grids])
-    # No rr._before_pass: packing the decoder now would take away the weights the backward pass needs.
+    # No rr.fast.before_pass: packing the decoder now would take away the weights the backward pass needs.
     # Not inference tensors: autograd saves these keys and values for the backward pass.
     with torch.inference_mode(False), torch.no_grad():
-        kv = model.model.prefill(*model._inputs(prefix, visual))[0]  # (layers, 2, T - 1, kv_heads, head_dim)
+        kv = model.model.prefill(*model.inputs(prefix, visual))[0]  # (layers, 2, T - 1, kv_heads, head_dim)
     raw = model(RaggedBatch.of([lay.ids[-1:]], [lay.positions[:, -1:]], [[]]), past=[kv]).item()
     with torch.inference_mode(False), torch.enable_grad():
         bias = torch.zeros(len(lay.ids), device=model.device, requires_grad=True)

@@ -61,7 +61,7 @@ class JinaReranker(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
-    def _inputs(self, batch: RaggedBatch, image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, Context]:
+    def inputs(self, batch: RaggedBatch, image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, Context]:
         """Token embeddings with the visual tokens in the image slots, and the pass's context (M-RoPE cos/sin,
         sequence boundaries)."""
         dev, cfg = self.device, self.cfg
@@ -88,10 +88,10 @@ class JinaReranker(nn.Module):
         `pixel_values`; `past`: per sequence, the keys/values of a prefix it continues."""
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.visual(pixel_values.to(self.device), batch.grids)
-        last = self.model(*self._inputs(batch, image_embeds), past=past)  # (batch, hidden)
+        last = self.model(*self.inputs(batch, image_embeds), past=past)  # (batch, hidden)
         return self.score(last).squeeze(-1).float()
 
     @torch.inference_mode()
     def prefill(self, batch: RaggedBatch, image_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per sequence, the (layers, 2, tokens, kv_heads, head_dim) keys and values of all its tokens."""
-        return self.model.prefill(*self._inputs(batch, image_embeds))
+        return self.model.prefill(*self.inputs(batch, image_embeds))

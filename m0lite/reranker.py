@@ -31,12 +31,8 @@ from .memory import trim_heap
 from .model import JinaReranker
 from .prompt import Side, Tokenizer, build_prompt, check_text, default_max_doc_length
 from .transforms import int8
+from .transforms.fast_forms import FastForms
 
-# Packing a tower's weights (transforms.pack_weights) costs a one-time copy of its weights and makes every
-# later pass faster (bench/RESULTS.md has both). So, as one rents skis until the rent would have bought them,
-# a tower is packed once it has run this many rows (tokens or patches) in all: a short-lived process scoring a
-# few pairs never pays for it, a server pays it once.
-PACK_AFTER_ROWS = 4096
 SCORE_SHIFT = 2.65  # the published normalised score is sigmoid(raw - 2.65)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -91,11 +87,9 @@ class Reranker:
                  max_pdf_pages: int | None = None, max_pdf_bytes: int | None = None):
         """vision_cache_bytes bounds the cache of images' visual tokens; doc_cache_bytes (0: off) the
         cache of documents' keys and values (about 28 KiB per token for the 2B model in bf16).
-        pack_weights: the CPU fast path for bf16 (transforms.pack_weights): None packs each tower once
-        it has run PACK_AFTER_ROWS rows, True at once, False never. int8_compute ("dynamic" or
-        "weight-only"; see from_pretrained's `quantize`): the lean mode, which puts each tower in its int8
-        form before its first pass (the decoder at once), so that a text-only process never reads the
-        vision tower's weights; it takes no packing. max_pdf_pages and max_pdf_bytes bound a PDF document
+        pack_weights (the CPU fast path for bf16) and int8_compute ("dynamic" or "weight-only"; see
+        from_pretrained's `quantize`: the lean mode) choose the towers' fast forms: `self.fast`, a
+        transforms.FastForms, says when each tower takes its own. max_pdf_pages and max_pdf_bytes bound a PDF document
         (pages to render, file size; None: m0lite.pdf's MAX_PDF_PAGES, MAX_PDF_BYTES), checked before
         any page is rendered."""
         from .pdf import MAX_PDF_BYTES, MAX_PDF_PAGES
@@ -108,16 +102,8 @@ class Reranker:
         self.max_vision_patches = max_vision_patches  # patches per vision-tower pass
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
-        self.int8_compute = int8_compute
-        self.quantized = int8_compute is not None
-        can_pack = transforms.packable(model.device, model.dtype) and not self.quantized
-        if pack_weights and not can_pack:
-            why = "an int8 model" if self.quantized else f"{model.dtype} on {model.device}"
-            raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {why}")
-        self._packing = self.quantized or (can_pack and pack_weights is not False)
-        self._rows_run = {model.model: 0, model.visual: 0}  # per tower not yet in its fast form, the rows it has run
-        if pack_weights or self.quantized:
-            self.pack(["decoder", "vision"] if pack_weights else ["decoder"])
+        self.fast = FastForms(model, pack_weights=pack_weights, int8_compute=int8_compute)
+        self.int8_compute, self.quantized = int8_compute, self.fast.quantized
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False,
@@ -156,40 +142,17 @@ class Reranker:
         trim_heap()  # what parsing the tokenizer and the config left free
         return rr
 
-    def _towers(self) -> dict[str, torch.nn.Module]:
-        return {"decoder": self.model.model, "vision": self.model.visual}
-
     @property
     def packed(self) -> list[str]:
         """Which towers ("decoder", "vision") run in their fast form so far: on packed weights (see
         pack_weights), or in the lean mode on prepared int8 weights."""
-        return [name for name, t in self._towers().items() if self._packing and t not in self._rows_run]
+        return self.fast.packed
 
     def pack(self, towers=("decoder", "vision")) -> list[str]:
         """Put these towers in their fast form now, where there is one (bf16 on CPU with pack_weights not
         False, or the lean mode): a server packs the decoder at start rather than in its first large
         request. Returns `packed`."""
-        for name in towers if self._packing else []:
-            self._pack(self._towers()[name])
-        return self.packed
-
-    def _pack(self, tower: torch.nn.Module) -> None:
-        if tower in self._rows_run:
-            if self.quantized:
-                int8.prepare(tower, self.int8_compute)
-            else:
-                transforms.pack_weights(tower)
-            del self._rows_run[tower]
-            trim_heap()  # the packing's temporaries (a layer's weights side by side, reordered copies)
-
-    def _before_pass(self, tower: torch.nn.Module, rows: int) -> None:
-        """Before a pass of `rows` rows through a tower: put it in its fast form once it has run enough (see
-        PACK_AFTER_ROWS), or, in the lean mode, before its first pass."""
-        if not self._packing or tower not in self._rows_run:
-            return
-        self._rows_run[tower] += rows
-        if self.quantized or self._rows_run[tower] >= PACK_AFTER_ROWS:
-            self._pack(tower)
+        return self.fast.pack(towers)
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -304,8 +267,8 @@ class Reranker:
                     for i in idx]
             past = self._prefixes([s.prefix for s in seqs]) if use_doc_cache else None
             batch = ragged(seqs)
-            self._before_pass(self.model.model, batch.input_ids.numel())
-            for i, score in zip(idx, self.model(batch, image_embeds=self._visual_tokens([im for s in seqs for im in s.images]), past=past).tolist()):
+            self.fast.before_pass(self.model.model, batch.input_ids.numel())
+            for i, score in zip(idx, self.model(batch, image_embeds=self.visual_tokens([im for s in seqs for im in s.images]), past=past).tolist()):
                 scores[i] = score
         return scores, [len(p.input_ids) for p in prompts]
 
@@ -331,7 +294,7 @@ class Reranker:
         return {"pdf_text": pdf_text, "max_chunks_per_doc": max_chunks_per_doc, "chunk_overlap": chunk_overlap,
                 "max_doc_length": max_doc_length}
 
-    def _visual_tokens(self, images: list[Prepared]) -> torch.Tensor | None:
+    def visual_tokens(self, images: list[Prepared]) -> torch.Tensor | None:
         """Visual tokens of the images, in order: from the cache, else encoded (each distinct image once)."""
         if not images:
             return None
@@ -344,7 +307,7 @@ class Reranker:
         merge, out = self.model.cfg.vision.spatial_merge_size, []
         for idx in budget_groups([im.pixels.shape[0] for im in images], len(images), self.max_vision_patches):
             group = [images[i] for i in idx]
-            self._before_pass(self.model.visual, sum(im.pixels.shape[0] for im in group))
+            self.fast.before_pass(self.model.visual, sum(im.pixels.shape[0] for im in group))
             tokens = self.model.visual(torch.cat([im.pixels for im in group]).to(self.model.device), [im.side.grid for im in group])
             out += tokens.split([num_visual_tokens(im.side.grid, merge) for im in group])
         return out
@@ -354,8 +317,8 @@ class Reranker:
         or computed in one ragged pass (each distinct document once)."""
         def prefill(todo: list[Prefix]) -> list[torch.Tensor]:
             batch = ragged(todo)
-            self._before_pass(self.model.model, batch.input_ids.numel())
-            return self.model.prefill(batch, self._visual_tokens([im for p in todo for im in p.images]))
+            self.fast.before_pass(self.model.model, batch.input_ids.numel())
+            return self.model.prefill(batch, self.visual_tokens([im for p in todo for im in p.images]))
 
         known = [p for p in prefixes if p is not None]
         kv = iter(through_cache(known, lambda p: p.key, self.doc_cache, prefill))

@@ -320,7 +320,7 @@ def test_lean_mode_explains(tiny_ckpt, compute):
     cfg = rr.model.cfg
 
     def whole(lay, ids, swapped=()):
-        visual = rr._visual_tokens(lay.images)
+        visual = rr.visual_tokens(lay.images)
         if swapped:
             visual = visual.clone()
             visual[list(swapped)] = visual[: len(lay.image_rows)].mean(0)

@@ -309,9 +309,9 @@ def test_packed_scores_match_the_reference_bf16(tiny_ckpt, images_for_packing):
 
 @needs_packing
 def test_towers_pack_after_enough_work(tiny_ckpt, images_for_packing, monkeypatch):
-    import m0lite.reranker as reranker_module
+    from m0lite.transforms import fast_forms
 
-    monkeypatch.setattr(reranker_module, "PACK_AFTER_ROWS", 300)
+    monkeypatch.setattr(fast_forms, "PACK_AFTER_ROWS", 300)
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     short = rr.compute_score([QUERY, DOCS[0]])
     assert rr.packed == []  # a short pair does not pay for packing

@@ -3,8 +3,8 @@
 The model files (decoder.py, vision.py, model.py) hold the math once. A transform
 rewrites a loaded model by swapping its modules and rewriting their weights; the
 model's own loops then run the new modules unchanged. The reranker picks them
-once, from its options, and applies them tower by tower when a tower's work calls
-for it (reranker.py):
+once, from its options, and `FastForms` (fast_forms.py) applies them tower by
+tower when a tower's work calls for it:
 
 - `pack_weights(tower)` (`pack_weights=`): the CPU fast path for bf16. Every block
   of the tower in its chunked fast form (chunked.py) on linears whose weights are
