@@ -9,7 +9,7 @@ tensor's pages from the resident set; they are clean copies of the file, still
 in the page cache, and fault back in if read again.
 
 glibc keeps freed memory in its heaps; `trim_heap` returns what they hold free
-(after loading: the tokenizer's parsing leaves about 20 MiB).
+(after loading, what the tokenizer's parsing left).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _drop_pages(t: torch.Tensor) -> None:
 class LookupPages:
     """Hands back the pages a lookup read from a memory-mapped table. A pass reads a few rows of the
     token embeddings, but each page it touches brings its neighbours in too (the kernel maps up to 64 KiB
-    around a fault from the page cache): the rows of one text8 run left 36 MiB of the int8 table resident,
-    and varied text leaves most of it. Dropping them costs a minor fault per page on the next lookup.
+    around a fault from the page cache): varied text leaves most of the table resident (bench/RESULTS.md,
+    "Lean mode, fifth pass"). Dropping them costs a minor fault per page on the next lookup.
     Sound because nothing writes a loaded weight in place: in the private mapping a written page would be
     this process's own copy, and dropping it would lose the write."""
 

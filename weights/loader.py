@@ -177,7 +177,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
         # Scales stay fp32 whatever the model's dtype. A no-op (the mmap view itself) when nothing changes.
         state[name] = t.to(device=device, dtype=torch.float32 if name.endswith(".weight_scale") else dtype)
         if state[name].data_ptr() != t.data_ptr():  # a converted copy: the file's pages are not read again
-            release_mapped_pages(t, mapped)  # (a bf16 checkpoint in fp32 held both, 12.6 GiB at full size)
+            release_mapped_pages(t, mapped)  # else a bf16 checkpoint loaded in fp32 holds both (bench/RESULTS.md)
         if name.endswith(".weight_scale") and not bool(torch.isfinite(state[name]).all() and (state[name] > 0).all()):
             raise WeightsError(f"{path}: tensor {name} holds scales that are not all finite and positive")
     state[PATCH_EMBED] = from_file(PATCH_EMBED, state[PATCH_EMBED])

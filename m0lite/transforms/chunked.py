@@ -159,9 +159,9 @@ def materialized_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=
     """`ops.attention` without a causal mask, each head's scores materialized in q's dtype: for each
     sequence, head and SCORE_ROWS queries, S = (q * scale) k^T as one matmul, softmax(S) in place, then S v.
     This is how transformers' eager attention computes, scores rounded to q's dtype before the softmax; the
-    flash kernel keeps them in fp32. On CPU it is about 1.5x faster over a 2,976-patch page (torch's flash
-    kernel spends most of its time outside its matmuls), for about 8x its error on the attention output in
-    bf16: the lean mode's (int8.py) trade, not the exact mode's."""
+    flash kernel keeps them in fp32. On CPU it is faster over a page (torch's flash kernel spends most of
+    its time outside its matmuls), for several times its error on the attention output in bf16: the lean
+    mode's (int8.py) trade, not the exact mode's (bench/RESULTS.md, "Lean mode, third pass")."""
     if causal:
         raise ValueError("materialized_attention has no causal mask")
     scale = q.shape[-1] ** -0.5 if scale is None else scale

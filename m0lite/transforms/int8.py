@@ -19,23 +19,23 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   devices without oneDNN's exact int8 kernels (CUDA, CPUs without AVX2).
 
 Two linears, the MLPs' second (`ROTATED`), quantise a rotated input. Their input is an
-activation's output, the SwiGLU product in the decoder (heavy-tailed: max |x| is 12x the
-rms of a row, 3.6x after a norm) and QuickGELU's in the vision tower (off-centre), so one
-row's scale, set by its largest |x|, leaves the others few codes; in the decoder this
-error was 3x any other linear's. Each block of ROTATION_BLOCK input features is turned by
+activation's output, the SwiGLU product in the decoder (heavy-tailed: a row's largest |x| is
+many times its rms) and QuickGELU's in the vision tower (off-centre), so one row's scale, set
+by its largest |x|, leaves the others few codes; in the decoder this linear's error was the
+largest by far (bench/RESULTS.md, "Lean mode, fourth pass"). Each block of ROTATION_BLOCK input features is turned by
 R = diag(signs) H, H the Sylvester-Hadamard matrix (H H^T = B I), which spreads a large
 feature and a common offset over the block. y = (x R)(W R / B)^T = x W^T: the weight
 is stored rotated (W R / B, in fp32, then quantised) and only x R runs per call, a
-matmul by a (B, B) matrix of +-1, exact in bf16, that costs 4% of the linear's.
+matmul by a (B, B) matrix of +-1, exact in bf16, that costs a few per cent of the linear's.
 (QuaRot and SpinQuant rotate all inputs alike; the others here gain nothing measurable.)
 
 The token embeddings are int8 too, with one scale per token (`Int8Embedding`): a
 lookup expands only the rows a batch reads. What stays in the model's dtype, and
 why: the norms, the score head (two small matmuls over one token per pair, which
 set the score directly), the patch embedding (a Conv3d in the checkpoint over
-raw pixels; 0.1% of the weights) and the patch merger (1.4% of the weights, 1% of
-a page's time in bf16; after the last block, its error reaches the visual tokens
-undamped: in int8 it was a quarter of their error's variance).
+raw pixels: a sliver of the weights) and the patch merger (a small share of the weights
+and of a page's time; after the last block, its error reaches the visual tokens undamped:
+bench/RESULTS.md, "Lean mode, fourth pass", has the figures).
 
 A checkpoint written by `m0lite quantize` (weights/quantized.py) stores each quantised
 linear's `weight` as int8 and its `weight_scale` beside it, and says so in
@@ -275,7 +275,7 @@ class SharedInput:
             raise ValueError("SharedInput: members must have the same input size and all or none a bias")
         weight = members[0].weight if len(members) == 1 else torch.cat([m.weight for m in members])  # no copy of one
         # The input shape of a chunk (chunked.py) as oneDNN's hint: the same layout and results at every row
-        # count, and a prepack 1.6x faster than without a hint (most of the time it takes to load).
+        # count, and a faster prepack than without a hint (most of the time it takes to load; bench/RESULTS.md).
         self.packed = torch.ops.onednn.qlinear_prepack(weight, [CHUNK_ROWS, weight.shape[1]])
         # Copies (cat, or clone for one), so that no page of a mapped checkpoint stays resident for them.
         self.weight_scale = torch.cat([m.weight_scale for m in members])
