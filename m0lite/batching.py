@@ -26,6 +26,7 @@ class Prepared:
 
     side: Side
     pixels: torch.Tensor | None = None
+    size: tuple[int, int] | None = None  # an image's (width, height) as decoded, before resizing (explain's boxes)
     _key: bytes | None = None
 
     @property

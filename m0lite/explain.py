@@ -37,21 +37,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 from .batching import Prepared, budget_groups
 from .decoder import DecoderLayer
 from .errors import InputError
-from .images import load_image, preprocess
 from .images.preprocess import FACTOR, PATCH_SIZE
 from .kernels.ops import rms_norm_torch
 from .model import RaggedBatch
-from .prompt import (DOC_HEAD, IMAGE_PLACEHOLDER, QUERY_HEAD, Side, build_prompt, check_text, default_max_doc_length,
-                     document_string, expand_images)
+from .prompt import (DOC_HEAD, IMAGE_PLACEHOLDER, QUERY_HEAD, build_prompt, default_max_doc_length, document_string,
+                     expand_images)
 from .rope import apply_rotary, mrope_positions
 
 METHODS = ("occlusion", "attention", "contribution")
@@ -74,37 +71,12 @@ class Layout:
     grid: tuple[int, int, int] | None  # the document image's patch grid (t, h, w)
 
 
-def document_parts(document) -> tuple[str | None, object | None]:
-    """(text, image source) of a document: a str is text, {"text"}, {"image"} or both; anything else an image."""
-    if isinstance(document, dict):
-        if not document or set(document) - {"text", "image"}:
-            raise InputError(f"document: a dict must have 'text', 'image' or both, got keys {sorted(map(str, document))}")
-        return document.get("text"), document.get("image")
-    if isinstance(document, str):
-        return document, None
-    if isinstance(document, (Image.Image, Path, bytes)):
-        return None, document
-    raise InputError(f"document must be a str, an image or a dict, got {type(document).__name__}")
-
-
 def layout(rr, query, document, *, max_length: int = 10240, max_query_length: int = 512) -> Layout:
     """The pair's prompt as the reranker scores it, with the document's text tokens and visual tokens located."""
-    text, source = document_parts(document)
-    what = "document.text" if source is not None else "document"
-    if text is not None:
-        check_text(text, what, allow_empty=True)
-    q = rr._prepare(query, None, "query", document=False)
+    q = rr.prepare(query, None, "query", document=False)
+    doc = rr.prepare(document, None, "document", document=True)  # the forms rank reads, read by the same code
     tok, merge = rr.tokenizer, rr.model.cfg.vision.spatial_merge_size
-    doc, size = Prepared(Side(text=text)), None
-    if source is not None:
-        what = "document.image" if text is not None else "document"
-        try:
-            image = load_image(source)
-            size = image.size
-            pixels, grid = preprocess(image, min_pixels=rr.min_pixels, max_pixels=rr.max_pixels)
-        except InputError as e:
-            raise type(e)(f"{what}: {e}") from None
-        doc = Prepared(Side(text=text, grid=grid), pixels)
+    size = doc.size
     max_doc_length = default_max_doc_length(max_length, max_query_length)
     prompt = build_prompt(tok, q.side, doc.side, max_length=max_length, max_doc_length=max_doc_length, merge=merge)
     ids = prompt.input_ids
@@ -133,7 +105,7 @@ def layout(rr, query, document, *, max_length: int = 10240, max_query_length: in
             offsets.append((max(s, start) - start, min(e, end) - start))
         row += 1
     positions = mrope_positions(ids, prompt.grids, rr.model.cfg.image_token_id, merge)
-    return Layout(ids, positions, prompt.grids, images, held if text is not None else None, text_rows, offsets,
+    return Layout(ids, positions, prompt.grids, images, held if doc.side.text is not None else None, text_rows, offsets,
                   image_rows, size, doc.side.grid)
 
 

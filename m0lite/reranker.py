@@ -156,7 +156,7 @@ class Reranker:
 
     # ---- inputs -------------------------------------------------------------------------------
 
-    def _prepare(self, x, kind: str | None, what: str, document: bool) -> Prepared:
+    def prepare(self, x, kind: str | None, what: str, document: bool) -> Prepared:
         """A query or document -> text or preprocessed image, or (a document only) an image and its text,
         given as {"image": ..., "text": ...}. kind "text"/"image" forces the reading of a str
         (compute_score's query_type/doc_type); with kind None a str is text."""
@@ -167,19 +167,19 @@ class Reranker:
                 x, kind = x["image"], "image"
             elif set(x) == {"image", "text"} and document:
                 text = check_text(x["text"], f"{what}.text", allow_empty=True)
-                pixels, grid = self._load(x["image"], f"{what}.image")
-                return Prepared(Side(text=text, grid=grid), pixels)
+                pixels, grid, size = self._load(x["image"], f"{what}.image")
+                return Prepared(Side(text=text, grid=grid), pixels, size)
             else:
                 both = ", {'image': ..., 'text': ...}" if document else ""
-                raise InputError(f"{what}: a dict must be {{'text': ...}} or {{'image': ...}}{both}, got keys {sorted(x)}")
+                raise InputError(f"{what}: a dict must be {{'text': ...}} or {{'image': ...}}{both}, got keys {sorted(map(str, x))}")
         elif kind is None:
             kind = "text" if isinstance(x, str) else "image"
         if kind == "text":
             return Prepared(Side(text=check_text(x, what, allow_empty=document)))
         if kind != "image":
             raise InputError(f"{what}: type must be 'text' or 'image', got {kind!r}")
-        pixels, grid = self._load(x, what)
-        return Prepared(Side(grid=grid), pixels)
+        pixels, grid, size = self._load(x, what)
+        return Prepared(Side(grid=grid), pixels, size)
 
     def _parts(self, index: int, query: Prepared, doc, kind: str | None, what: str, *, pdf_text: bool,
                max_chunks_per_doc: int | None, chunk_overlap: int, max_doc_length: int):
@@ -191,7 +191,7 @@ class Reranker:
         text = doc if isinstance(doc, str) and kind in (None, "text") else (
             doc["text"] if isinstance(doc, dict) and set(doc) == {"text"} else None)
         if max_chunks_per_doc is None or text is None:
-            return [Part(index, (query, self._prepare(doc, kind, what, document=True)))]
+            return [Part(index, (query, self.prepare(doc, kind, what, document=True)))]
         check_text(text, what, allow_empty=True)
         spans = split_text(self.tokenizer, text, max_doc_length, max_chunks_per_doc, chunk_overlap)
         return [Part(index, (query, Prepared(Side(text=text[a:b]))), {"window": {"start": a, "end": b}})
@@ -212,9 +212,9 @@ class Reranker:
 
         def part(page) -> Part:
             where = f"{what} page {page.number}"
-            pixels, grid = self._load(page.image, where)
+            pixels, grid, size = self._load(page.image, where)
             text = check_text(page.text, f"{where} text", allow_empty=True) if pdf_text else None
-            return Part(index, (query, Prepared(Side(text=text, grid=grid), pixels)), {"page": page.number}, True)
+            return Part(index, (query, Prepared(Side(text=text, grid=grid), pixels, size)), {"page": page.number}, True)
 
         def parts():
             # Each part is made by a call, so that this generator, suspended, holds no page's patches: a pass's
@@ -232,15 +232,16 @@ class Reranker:
         """PDF pages rendered and held at a time: about one decoder pass of full-budget pages."""
         return max(1, self.max_batch_tokens // max(1, self.max_pixels // (FACTOR * FACTOR)))
 
-    def _load(self, src, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """An image source's patches and grid; errors name `what`."""
+    def _load(self, src, what: str) -> tuple[torch.Tensor, tuple[int, int, int], tuple[int, int]]:
+        """An image source's patches, grid and decoded (width, height); errors name `what`."""
         try:
-            pixels, grid = preprocess(load_image(src), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            image = load_image(src)
+            pixels, grid = preprocess(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         except InputError as e:
             raise type(e)(f"{what}: {e}") from None
         # The vision tower casts its input to the model's dtype first: casting now gives the same visual
         # tokens and halves what a bf16 model holds of each image until its pass (3 MiB a megapixel).
-        return pixels.to(self.model.dtype), grid
+        return pixels.to(self.model.dtype), grid, image.size
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -353,7 +354,7 @@ class Reranker:
         for i, p in enumerate(pairs):
             if not isinstance(p, (list, tuple)) or len(p) != 2:
                 raise InputError(f"pairs[{i}] must be a [query, document] pair")
-            q = self._prepare(p[0], query_type, f"pairs[{i}] query", document=False)
+            q = self.prepare(p[0], query_type, f"pairs[{i}] query", document=False)
             streams.append(self._parts(i, q, p[1], doc_type, f"pairs[{i}] document", **options))
         scored = self._score_parts(chain.from_iterable(streams), len(pairs), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)
@@ -371,7 +372,7 @@ class Reranker:
         `details`, each score is (score, [(part score, part info), ...] best first) instead."""
         max_doc_length = default_max_doc_length(max_length, max_query_length)
         options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
-        streams = [self._parts(i, self._prepare(q, None, f"pairs[{i}] query", document=False), d, None,
+        streams = [self._parts(i, self.prepare(q, None, f"pairs[{i}] query", document=False), d, None,
                                f"pairs[{i}] document", **options) for i, (q, d) in enumerate(pairs)]
         scored = self._score_parts(chain.from_iterable(streams), len(pairs), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length)
@@ -408,7 +409,7 @@ class Reranker:
             raise InputError(f"pages_as_documents must be True or False, got {pages_as_documents!r}")
         max_doc_length = default_max_doc_length(max_length, max_query_length)
         options = self._document_options(pdf_text, max_chunks_per_doc, chunk_overlap, max_doc_length)
-        q = self._prepare(query, None, "query", document=False)
+        q = self.prepare(query, None, "query", document=False)
         streams = [self._parts(i, q, d, None, f"documents[{i}]", **options) for i, d in enumerate(documents)]
         scored = self._score_parts(chain.from_iterable(streams), len(documents), batch_size=batch_size,
                                    max_length=max_length, max_doc_length=max_doc_length, show_progress=show_progress)

@@ -282,8 +282,8 @@ def test_a_long_text_is_explained_as_the_prompt_holds_it(tiny_reranker):
 
 @pytest.mark.parametrize("call,match", [
     (lambda rr: rr.explain(QUERY, "doc", method="gradient"), "method must be one of occlusion, attention, contribution"),
-    (lambda rr: rr.explain(QUERY, 42), "document must be a str, an image or a dict"),
-    (lambda rr: rr.explain(QUERY, {"txt": "a"}), "document: a dict must have"),
+    (lambda rr: rr.explain(QUERY, 42), "document: unsupported image source of type int"),
+    (lambda rr: rr.explain(QUERY, {"txt": "a"}), "document: a dict must be"),
     (lambda rr: rr.explain("", "doc"), "query is empty"),
     (lambda rr: rr.explain(QUERY, {"text": "a", "image": "bm90IGFuIGltYWdl"}), r"document\.image"),
 ])
