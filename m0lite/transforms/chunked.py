@@ -40,7 +40,7 @@ from .onednn import CHUNK_ROWS
 CHUNK_DTYPES = (torch.bfloat16, torch.float16)
 
 # Turns a model's nn.Linear (or a layer already converted, such as Int8Linear) into an EpilogueLinear,
-# with the vision rewrites' output order `rows` and scales.
+# with the vision rewrites' output order `out_order` and scales.
 MakeLinear = Callable[..., EpilogueLinear]
 
 
@@ -131,7 +131,7 @@ class FastDecoderLayer(nn.Module):
 
 
 @functools.cache  # one tuple shared by every block
-def qkv_pair_rows(heads: int, head_dim: int) -> tuple[int, ...]:
+def qkv_pair_order(heads: int, head_dim: int) -> tuple[int, ...]:
     """qkv's output order in the fast form: queries and keys in rotary-pair order, values as they are."""
     pairs, width = pair_order(heads, head_dim), heads * head_dim
     return (*pairs, *(width + i for i in pairs), *range(2 * width, 3 * width))
@@ -187,7 +187,7 @@ class FastVisionBlock(nn.Module):
         self.norm1, self.norm2, self.attn, self.mlp = block.norm1, block.norm2, block.attn, block.mlp
         self.attention = attention
         attn, mlp = self.attn, self.mlp
-        attn.qkv = make(attn.qkv, rows=qkv_pair_rows(attn.n_heads, attn.head_dim))
+        attn.qkv = make(attn.qkv, out_order=qkv_pair_order(attn.n_heads, attn.head_dim))
         attn.proj = make(attn.proj)
         mlp.fc1 = make(mlp.fc1, weight_scale=QUICK_GELU, bias_scale=QUICK_GELU)
         mlp.fc2 = make(mlp.fc2, weight_scale=1 / QUICK_GELU)

@@ -26,12 +26,12 @@ class EpilogueLinear(nn.Module):
 
 class PlainLinear(EpilogueLinear):
     """`lin`'s own torch math, unfused, computing the re-parametrised layer the fast forms ask for: outputs
-    in the order `rows` and x (weight_scale W)^T + bias_scale b. A copy of the weights; for tests and
+    in the order `out_order` and x (weight_scale W)^T + bias_scale b. A copy of the weights; for tests and
     breakdowns of the fast forms where oneDNN's layout does not apply (fp32)."""
 
-    def __init__(self, lin: nn.Linear, *, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0):
+    def __init__(self, lin: nn.Linear, *, out_order=None, weight_scale: float = 1.0, bias_scale: float = 1.0):
         super().__init__()
-        order = torch.arange(lin.out_features) if rows is None else torch.tensor(rows)
+        order = torch.arange(lin.out_features) if out_order is None else torch.tensor(out_order)
         self.weight = lin.weight.detach()[order] * weight_scale
         self.bias = None if lin.bias is None else lin.bias.detach()[order] * bias_scale
         self.in_features, self.out_features = lin.in_features, lin.out_features

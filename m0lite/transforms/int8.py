@@ -211,13 +211,13 @@ class Int8Linear(EpilogueLinear):
         """"dynamic" once `prepack`ed, else "weight-only"."""
         return "weight-only" if self._packed is None else "dynamic"
 
-    def rewrite(self, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0,
+    def rewrite(self, out_order=None, weight_scale: float = 1.0, bias_scale: float = 1.0,
                 mapped: list[tuple[int, int]] = ()) -> "Int8Linear":
-        """In place: outputs in the order `rows`, weight and bias scaled (chunked.py's vision rewrites).
+        """In place: outputs in the order `out_order`, weight and bias scaled (chunked.py's vision rewrites).
         Exact on the int8 values: only the per-channel scales and the bias change. A reordered weight is a
         copy: the pages of a memory-mapped original (inside `mapped`) are handed back."""
-        if rows is not None:
-            order = torch.tensor(rows, device=self.weight.device)
+        if out_order is not None:
+            order = torch.tensor(out_order, device=self.weight.device)
             weight, self.weight, self.weight_scale = self.weight, self.weight[order], self.weight_scale[order]
             release_mapped_pages(weight, mapped)
             if self.bias is not None:

@@ -39,18 +39,18 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
 
 class OneDNNLinear(EpilogueLinear):
     """`lin` with its weight in oneDNN's blocked layout. It may compute a re-parametrised layer
-    (the vision tower's rewrites, chunked.py): outputs in the order `rows` (a permutation of
+    (the vision tower's rewrites, chunked.py): outputs in the order `out_order` (a permutation of
     range(out)), and x (weight_scale W)^T + bias_scale b.
 
-    `scratch`: a dict shared by layers converted together, where the reordered copy of a `rows`
+    `scratch`: a dict shared by layers converted together, where the reordered copy of an `out_order`
     layer is made: one buffer per shape, so that the heap is not left with a hole per layer once
     the copies are freed."""
 
-    def __init__(self, lin: nn.Linear, *, rows=None, weight_scale: float = 1.0, bias_scale: float = 1.0,
+    def __init__(self, lin: nn.Linear, *, out_order=None, weight_scale: float = 1.0, bias_scale: float = 1.0,
                  scratch: dict | None = None):
         super().__init__()
         w = lin.weight.detach()
-        order = None if rows is None else torch.tensor(rows, device=w.device)
+        order = None if out_order is None else torch.tensor(out_order, device=w.device)
         if order is not None:
             scratch = {} if scratch is None else scratch
             if (w.shape, w.dtype) not in scratch:
