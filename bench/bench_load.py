@@ -35,9 +35,9 @@ folder, dtype, quantize = sys.argv[1], sys.argv[2], sys.argv[3] or None
 rr = Reranker.from_pretrained(folder, dtype=dtype, quantize=quantize)
 loaded = time.perf_counter() - t0
 score = rr.compute_score([["warm up query", "a short first document to score"]], normalize_scores=False)
-status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "VmRSS"))}
-print(json.dumps({"load_s": loaded, "first_score_s": time.perf_counter() - t0, "peak": status["VmHWM"],
-                  "rss": status["VmRSS"], "score": score}))
+from bench.e2e_worker import vm_status
+print(json.dumps({"load_s": loaded, "first_score_s": time.perf_counter() - t0, "peak": vm_status("VmHWM"),
+                  "rss": vm_status("VmRSS"), "score": score}))
 """
 
 

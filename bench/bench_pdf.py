@@ -22,13 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=300)
@@ -39,6 +32,7 @@ def main() -> None:
 
     import torch
 
+    from bench.e2e_worker import vm_status
     from m0lite import Reranker, cpu
     from m0lite.fixtures.pdfs import picture_pdf
     from m0lite.fixtures.random_checkpoint import write_random_checkpoint
@@ -48,11 +42,11 @@ def main() -> None:
         rr = Reranker.from_pretrained(write_random_checkpoint(Path(tmp) / "tiny", seed=0), dtype=torch.float32,
                                       vision_cache_bytes=args.vision_cache_mb * 2**20)
         rr.rank("warm up", ["a text"])
-        loaded = vm_hwm_mib()
+        loaded = vm_status("VmHWM") / 2**20
         start = time.perf_counter()
         results = rr.rank("the table on page 7", [{"pdf": data}], pages_as_documents=True)
         seconds = time.perf_counter() - start
-        peak = vm_hwm_mib()
+        peak = vm_status("VmHWM") / 2**20
     assert len(results) == args.pages
     print(f"CPU: {cpu.describe()}, torch threads {torch.get_num_threads()}")
     cached = rr.vision_cache.nbytes / 2**20 if rr.vision_cache is not None else 0

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m0lite import cpu  # noqa: E402  (caps oneDNN and MKL to M0LITE_CPU_ISA before the first matmul)
 import torch  # noqa: E402
 
+from m0lite.context import Context  # noqa: E402
 from m0lite.decoder import DecoderLayer  # noqa: E402
 from m0lite.fixtures.random_checkpoint import FULL_CONFIG as CFG  # noqa: E402
 from m0lite.kernels import ops  # noqa: E402
@@ -49,16 +50,17 @@ def main() -> None:
         T = sum(lens)
         ang = torch.rand(T, CFG.text.head_dim // 2) * 6
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-        args = (torch.randn(T, CFG.text.hidden_size), cos, sin, ops.cu_seqlens(lens), max(lens))
+        args = (torch.randn(T, CFG.text.hidden_size), Context(cos, sin, ops.cu_seqlens(lens), max(lens)))
         variants = {"plain": blk, "fast form": chunked.FastDecoderLayer(copy.deepcopy(blk), PlainLinear)}
     else:
         blk, grid, n = init(VisionBlock(CFG.vision)), [(1, 48, 62)], 2976
         cos, sin = vision_cos_sin(vision_positions(grid, 2), inv_freq(CFG.vision.head_dim // 2, CFG.vision.rope_theta))
-        args = (torch.randn(n, CFG.vision.embed_dim), cos, sin, ops.cu_seqlens([n]), n)
+        args = (torch.randn(n, CFG.vision.embed_dim), Context(cos, sin, ops.cu_seqlens([n]), n))
         q, k, v = (torch.randn(n, CFG.vision.num_heads, CFG.vision.head_dim) for _ in range(3))
         variants = {"plain": blk, "fast form": chunked.FastVisionBlock(copy.deepcopy(blk), PlainLinear),
-                    "attention alone": lambda *a: ops.attention(q, k, v, a[3], a[4], causal=False),
-                    "materialized_attention alone": lambda *a: chunked.materialized_attention(q, k, v, a[3], a[4])}
+                    "attention alone": lambda x, ctx: ops.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, causal=False),
+                    "materialized_attention alone": lambda x, ctx: chunked.materialized_attention(
+                        q, k, v, ctx.cu_seqlens, ctx.max_seqlen)}
     with torch.inference_mode():
         plain = blk(*args)
         print("fast form max |diff| vs plain:", (variants["fast form"](*args) - plain).abs().max().item())

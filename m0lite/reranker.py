@@ -103,7 +103,6 @@ class Reranker:
         self.vision_cache = TensorLRU(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.doc_cache = TensorLRU(doc_cache_bytes) if doc_cache_bytes > 0 else None
         self.fast = FastForms(model, pack_weights=pack_weights, int8_compute=int8_compute)
-        self.int8_compute, self.quantized = int8_compute, self.fast.quantized
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device="cpu", dtype=None, *, compile: bool = False,
@@ -141,6 +140,16 @@ class Reranker:
         rr = cls(model, tokenizer, name=str(name_or_path), **kwargs)
         trim_heap()  # what parsing the tokenizer and the config left free
         return rr
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model runs in the lean mode (int8)."""
+        return self.fast.quantized
+
+    @property
+    def int8_compute(self) -> str | None:
+        """How the lean mode multiplies ("dynamic" or "weight-only"); None in the exact mode."""
+        return self.fast.int8_compute
 
     @property
     def packed(self) -> list[str]:

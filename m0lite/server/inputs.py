@@ -110,6 +110,9 @@ class InputLoader:
         rendered = dict(zip(pdfs, await self._run(
             [(self._pdf, x, where, task.pdf_text) for x, where in pdfs.values()], deadline))) if pdfs else {}
         pdf_pixels = sum(p.image.width * p.image.height for pages in rendered.values() for p in pages)
+        if pdf_pixels > self.settings.max_request_pixels:
+            raise RequestTooLarge(f"request's PDF pages have {pdf_pixels:,} pixels in all, over the limit of "
+                                  f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
         # Each distinct source once: a request repeating one image decodes it once.
         images: dict[str, str] = {}
         for x, where, _ in sides:
@@ -137,9 +140,6 @@ class InputLoader:
                 return {"image": loaded[id(x)], "text": x.text}
             return loaded.get(id(x), x.text if isinstance(x, TextInput) else None)
 
-        if pdf_pixels > self.settings.max_request_pixels:
-            raise RequestTooLarge(f"request's PDF pages have {pdf_pixels:,} pixels in all, over the limit of "
-                                  f"{self.settings.max_request_pixels:,} per request (--max-request-pixels)")
         windows = await self._windows(task, sides, deadline)
         pairs, costs, owners = [], [], []
         for k, (q, d) in enumerate(task.pairs):

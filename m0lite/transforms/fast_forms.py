@@ -48,14 +48,7 @@ class FastForms:
     def pack(self, towers=("decoder", "vision")) -> list[str]:
         """Put these towers in their fast form now, where there is one. Returns `packed`."""
         for name in towers if self.active else []:
-            tower = self.towers[name]
-            if tower in self.rows_run:
-                if self.quantized:
-                    int8.prepare(tower, self.int8_compute)
-                else:
-                    pack_weights(tower)
-                del self.rows_run[tower]
-                trim_heap()  # the packing's temporaries (a layer's weights side by side, reordered copies)
+            self._pack(self.towers[name])
         return self.packed
 
     def before_pass(self, tower: nn.Module, rows: int) -> None:
@@ -65,4 +58,13 @@ class FastForms:
             return
         self.rows_run[tower] += rows
         if self.quantized or self.rows_run[tower] >= PACK_AFTER_ROWS:
-            self.pack([name for name, t in self.towers.items() if t is tower])
+            self._pack(tower)
+
+    def _pack(self, tower: nn.Module) -> None:
+        if tower in self.rows_run:
+            if self.quantized:
+                int8.prepare(tower, self.int8_compute)
+            else:
+                pack_weights(tower)
+            del self.rows_run[tower]
+            trim_heap()  # the packing's temporaries (a layer's weights side by side, reordered copies)

@@ -22,8 +22,8 @@ Two linears, the MLPs' second (`ROTATED`), quantise a rotated input. Their input
 activation's output, the SwiGLU product in the decoder (heavy-tailed: a row's largest |x| is
 many times its rms) and QuickGELU's in the vision tower (off-centre), so one row's scale, set
 by its largest |x|, leaves the others few codes; in the decoder this linear's error was the
-largest by far (bench/RESULTS.md, "Lean mode, fourth pass"). Each block of ROTATION_BLOCK input features is turned by
-R = diag(signs) H, H the Sylvester-Hadamard matrix (H H^T = B I), which spreads a large
+largest by far (bench/RESULTS.md, "Lean mode, fourth pass"). Each block of ROTATION_BLOCK
+input features is turned by R = diag(signs) H, H the Sylvester-Hadamard matrix (H H^T = B I), which spreads a large
 feature and a common offset over the block. y = (x R)(W R / B)^T = x W^T: the weight
 is stored rotated (W R / B, in fp32, then quantised) and only x R runs per call, a
 matmul by a (B, B) matrix of +-1, exact in bf16, that costs a few per cent of the linear's.
