@@ -8,6 +8,11 @@ reads a few rows (the token embeddings). `release_mapped_pages` drops such a
 tensor's pages from the resident set; they are clean copies of the file, still
 in the page cache, and fault back in if read again.
 
+A tower whose weights are stored in another dtype than the model runs in (the
+published bf16 checkpoint run in fp32, where bf16 is not native) can stay the
+file's mapped tensors until its first pass (`convert_on_first_pass`): a text-only
+process never reads the vision tower, and never holds its converted copy.
+
 glibc keeps freed memory in its heaps; `trim_heap` returns what they hold free
 (after loading, what the tokenizer's parsing left).
 """
@@ -20,9 +25,14 @@ import functools
 import mmap
 import sys
 
+import weakref
+
 import torch
+from torch import nn
 
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL and the reads fault page by page as before
+_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower -> (dtype, its hook's handle)
 
 
 @functools.cache
@@ -81,13 +91,29 @@ def release_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None
         _drop_pages(t)
 
 
+def populate(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Before a tensor of a memory-mapped file is read whole (converted, quantised): map all its pages in one
+    call instead of one fault per 4 KiB page. Converting a bf16 checkpoint to fp32 at load took twice as
+    long without it (bench/RESULTS.md, "fp32 where bf16 is not native")."""
+    if libc() is not None and is_mapped(t, mapped):
+        lo, hi = _pages(t, outer=True)
+        libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ)
+
+
+def _pages(t: torch.Tensor, outer: bool) -> tuple[int, int]:
+    """The page-aligned span of t's memory: the pages it touches (outer), or those wholly inside it."""
+    start, end = _span(t)
+    page = mmap.PAGESIZE
+    if outer:
+        return start // page * page, -(-end // page) * page
+    return -(-start // page) * page, end // page * page
+
+
 def _drop_pages(t: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) on the whole pages inside t: for file-backed memory only."""
     if libc() is None:
         return
-    start, end = _span(t)
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    lo, hi = _pages(t, outer=False)  # whole pages inside the tensor only: a neighbour may still be in use
     if hi > lo:
         libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
@@ -109,3 +135,26 @@ class LookupPages:
             self._table, self._mapped = table, is_mapped(table, file_mappings())
         if self._mapped:
             _drop_pages(table)
+
+
+def convert_on_first_pass(tower: nn.Module, dtype: torch.dtype) -> None:
+    """Leave the tower's floating-point weights as they are (the file's mapped tensors) and convert them
+    to `dtype` just before its first pass, whoever calls it. Exact: the same conversion, done later."""
+    handle = tower.register_forward_pre_hook(lambda module, args: convert_pending(module))
+    _PENDING[tower] = (dtype, handle)
+
+
+def convert_pending(tower: nn.Module) -> None:
+    """Convert a tower left by `convert_on_first_pass` now (a transform calls it before reading the
+    weights); the file's pages are handed back as each weight is converted. A no-op otherwise."""
+    if tower not in _PENDING:
+        return
+    dtype, handle = _PENDING.pop(tower)
+    handle.remove()
+    mapped = file_mappings()
+    with torch.no_grad():
+        for p in tower.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                populate(p.data, mapped)
+                stored, p.data = p.data, p.data.to(dtype)
+                release_mapped_pages(stored, mapped)

@@ -66,7 +66,7 @@ class JinaReranker(nn.Module):
         sequence boundaries)."""
         dev, cfg = self.device, self.cfg
         input_ids = batch.input_ids.to(dev)
-        h = self.model.embed_tokens(input_ids).to(self.dtype)  # (an int8 table expands to fp32)
+        h = self.model.embed_tokens(input_ids).to(self.dtype)  # the table stays as stored (int8, or bf16 in fp32)
         if batch.grids:
             slots = input_ids == cfg.image_token_id
             n = 0 if image_embeds is None else image_embeds.shape[0]

@@ -20,7 +20,7 @@ import torch
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
 from m0lite.images.preprocess import check_geometry
-from m0lite.memory import file_mappings, release_mapped_pages
+from m0lite.memory import convert_on_first_pass, file_mappings, populate, release_mapped_pages
 from m0lite.model import JinaReranker
 from m0lite.transforms import int8
 
@@ -36,6 +36,7 @@ FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 # The one layout difference from our modules, in both directions: the patch embedding is a Conv3d in the
 # file, (embed, 3, 2, 14, 14), and a Linear here, (embed, 1176): over one patch the same matmul.
 PATCH_EMBED = "visual.patch_embed.proj.weight"
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def checkpoint_shape(name: str, shape: torch.Size, cfg: ModelConfig) -> tuple[int, ...]:
@@ -161,6 +162,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
         if tuple(t.shape) != expected[name]:
             raise WeightsError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
         if name in at_load and t.dtype in FLOAT_DTYPES:
+            populate(t, mapped)
             state[name], state[name + "_scale"] = (x.to(device) for x in int8.quantize_weight(t, at_load[name]))
             release_mapped_pages(t, mapped)  # read once: only the int8 copy is read from now on
             continue
@@ -174,7 +176,14 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             continue
         if t.dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected bf16, fp16 or fp32")
+        if not (quantize or stored_int8) and (name == EMBEDDINGS or name.startswith("visual.")):
+            # As stored: a pass converts the rows it looks up (model.py), and the vision tower is converted
+            # before its first pass (memory.convert_on_first_pass), so a text-only process never holds it.
+            state[name] = t.to(device)
+            continue
         # Scales stay fp32 whatever the model's dtype. A no-op (the mmap view itself) when nothing changes.
+        if t.dtype != dtype or torch.device(device).type != "cpu":
+            populate(t, mapped)  # read whole now
         state[name] = t.to(device=device, dtype=torch.float32 if name.endswith(".weight_scale") else dtype)
         if state[name].data_ptr() != t.data_ptr():  # a converted copy: the file's pages are not read again
             release_mapped_pages(t, mapped)  # else a bf16 checkpoint loaded in fp32 holds both (bench/RESULTS.md)
@@ -183,6 +192,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     state[PATCH_EMBED] = from_file(PATCH_EMBED, state[PATCH_EMBED])
 
     model.load_state_dict(state, strict=True, assign=True)
+    if not stored_int8 and not quantize:
+        convert_on_first_pass(model.visual, dtype)  # a no-op where the file holds the model's dtype already
     return model.eval().requires_grad_(False)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import InputError
-from ..memory import trim_heap
+from ..memory import convert_pending, trim_heap
 from . import int8, pack_weights, packable
 
 PACK_AFTER_ROWS = 4096
@@ -62,6 +62,7 @@ class FastForms:
 
     def _pack(self, tower: nn.Module) -> None:
         if tower in self.rows_run:
+            convert_pending(tower)  # a tower the loader left as stored is laid out from the model's dtype
             if self.quantized:
                 int8.prepare(tower, self.int8_compute)
             else:
