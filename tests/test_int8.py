@@ -154,17 +154,25 @@ def test_residual_in_the_matmul_is_the_sum(dtype, bias):
     assert got.dtype == dtype and ((got.float() - want).abs() <= step * want.abs().clamp_min(1)).all()
 
 
-def test_dynamic_vision_attention_is_materialized(tiny_ckpt):
+def test_dynamic_vision_attention_is_materialized_in_16_bits(tiny_ckpt):
     """The lean mode's stated trade (transforms/chunked.py): its vision blocks attend over scores materialized
-    in the model dtype; the exact mode keeps the flash kernel's fp32 scores."""
+    in the model dtype where that dtype is 16-bit, and through the flash kernel in fp32; the exact mode keeps
+    the flash kernel's fp32 scores."""
     if not HAS_ONEDNN_INT8:
         pytest.skip("no oneDNN int8 kernels in this torch build")
     from m0lite.kernels import ops
-    from m0lite.transforms.chunked import materialized_attention
+    from m0lite.transforms.chunked import lean_attention, materialized_attention
 
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, quantize="int8", int8_compute="dynamic")
     rr.pack()
-    assert all(block.attention is materialized_attention for block in rr.model.visual.blocks)
+    assert all(block.attention is lean_attention for block in rr.model.visual.blocks)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(70, 2, 80) for _ in range(3))
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    for dtype, same_as in ((torch.bfloat16, materialized_attention), (torch.float32, ops.attention)):
+        args = [t.to(dtype) for t in (q, k, v)]
+        assert torch.equal(lean_attention(*args, cu, 40, False), same_as(*args, cu, 40, False))
+    assert not torch.equal(materialized_attention(q, k, v, cu, 40, False), ops.attention(q, k, v, cu, 40, False))
     exact = Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     if exact.pack():  # bf16 packing needs native bf16 on this CPU
         assert all(block.attention is ops.attention for block in exact.model.visual.blocks)

@@ -178,6 +178,15 @@ def materialized_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=
     return out
 
 
+def lean_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None):
+    """The lean mode's vision attention: `materialized_attention` in 16-bit dtypes, where it is the faster
+    over a page; `ops.attention` (torch's flash kernel) in fp32, the dtype of CPUs without native bf16, where
+    the materialized scores are slower (bench/RESULTS.md, "fp32 where bf16 is not native, second pass")."""
+    if q.dtype == torch.float32:
+        return ops.attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return materialized_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
 class FastVisionBlock(nn.Module):
     """`VisionBlock` in row-wise chunks, with fused epilogues and the two weight rewrites above; its
     attention `ops.attention` or another function of the same signature (materialized_attention)."""

@@ -414,7 +414,7 @@ def prepare(tower: nn.Module, compute: str) -> None:
         mapped = file_mappings()
         chunked.apply(tower, lambda lin, **rewrite:
                       lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
-                      vision_attention=chunked.materialized_attention)
+                      vision_attention=chunked.lean_attention)
         for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
             for parent, names in SHARED_INPUTS:
                 module = getattr(layer, parent)
