@@ -142,7 +142,7 @@ def vm_status(field: str) -> int:
 def load_side(side: str, folder: Path, dtype, compile: bool = False):
     """-> score(pairs, query_type, doc_type) returning normalised scores, and a description."""
     if side in ("m0lite", "m0lite-int8"):
-        from m0lite import Reranker, transforms
+        from m0lite import Reranker
         from m0lite.transforms import int8 as lean
 
         int8 = side == "m0lite-int8"
@@ -154,8 +154,8 @@ def load_side(side: str, folder: Path, dtype, compile: bool = False):
 
         if int8:  # the compute the reranker resolved (a tower's layers take it before the tower's first pass)
             desc = f"m0lite compute_score, quantize='int8' (int8_compute {lean.describe(rr.int8_compute)})"
-        if rr.quantized or transforms.packable(rr.model.device, rr.model.dtype):  # else it never packs (fp32)
-            score.packed = lambda: rr.packed  # towers in their fast form (bf16 packs after some work)
+        if rr.fast.active:  # some tower has a fast form
+            score.packed = lambda: rr.packed  # towers in their fast form (taken after some work)
         return score, desc
 
     from tests.reference import Reference

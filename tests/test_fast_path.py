@@ -284,7 +284,8 @@ def test_pack_weights_needs_bf16_on_cpu(tiny_ckpt):
     with pytest.raises(InputError, match="pack_weights=True needs bf16"):
         Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=True)
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    assert rr.packed == [] and rr.pack() == []  # fp32: never packed
+    assert rr.packed == [] and rr.pack() == ["vision"]  # fp32: the vision tower's rewrites only, never packed
+    assert all(isinstance(m, torch.nn.Linear) for layer in rr.model.model.layers for m in layer.mlp.children())
     with pytest.raises(InputError, match="do not go together"):
         Reranker.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, compile=True, pack_weights=True)
 
@@ -349,3 +350,16 @@ def test_packed_document_cache_matches_uncached(tiny_ckpt):
         assert cached.compute_score([[query, d] for d in DOCS]) == pytest.approx(
             plain.compute_score([[query, d] for d in DOCS]), abs=1e-2)
     assert len(cached.doc_cache) == len(DOCS)
+
+
+def test_fp32_vision_tower_takes_its_rewrites(tiny_ckpt, images_for_packing):
+    """In fp32 on CPU the vision tower's fast form is its block rewrites on plain linears (transforms.rewrite_fp32),
+    taken as bf16's packing is; its scores are the plain math's to fp32 rounding. pack_weights=False keeps it plain."""
+    plain = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, pack_weights=False)
+    fast = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    assert plain.pack() == [] and fast.pack() == ["vision"]
+    assert all(isinstance(b, FastVisionBlock) for b in fast.model.visual.blocks)
+    pairs = [[QUERY, {"image": im}] for im in images_for_packing] + [[images_for_packing[0], DOCS[0]]]
+    got, _ = fast.score_pairs(pairs, normalize=False)
+    expected, _ = plain.score_pairs(pairs, normalize=False)
+    assert got == pytest.approx(expected, abs=1e-4)

@@ -9,6 +9,8 @@ tower when a tower's work calls for it:
 - `pack_weights(tower)` (`pack_weights=`): the CPU fast path for bf16. Every block
   of the tower in its chunked fast form (chunked.py) on linears whose weights are
   laid out for oneDNN, with fused epilogues (onednn.py).
+- `rewrite_fp32(tower)`: the same blocks' rewrites on plain fp32 linears, for the
+  vision tower in fp32 on CPU (where bf16 is not native).
 - `int8.prepare(tower, compute)` (`quantize="int8"`): int8 weights with
   per-channel scales in every linear of the tower, and per-token ones in the token
   embeddings (int8.py); then the same chunked fast form on the int8 linears.
@@ -22,9 +24,10 @@ from torch import nn
 
 from ..memory import file_mappings, release_mapped_pages
 from . import chunked
+from .epilogue import PlainLinear
 from .onednn import OneDNNLinear, packable
 
-__all__ = ["pack_weights", "packable", "compile_blocks"]
+__all__ = ["pack_weights", "packable", "rewrite_fp32", "compile_blocks"]
 
 
 def pack_weights(tower: nn.Module) -> int:
@@ -35,6 +38,22 @@ def pack_weights(tower: nn.Module) -> int:
     def make(lin: nn.Linear, **rewrite) -> OneDNNLinear:
         fast = OneDNNLinear(lin, scratch=scratch, **rewrite)
         release_mapped_pages(lin.weight, mapped)  # from now on only the packed copy is read
+        return fast
+
+    return chunked.apply(tower, make)
+
+
+def rewrite_fp32(tower: nn.Module) -> int:
+    """The tower's blocks in their fast form on plain fp32 linears (`PlainLinear`, MKL's sgemm): the in-place
+    epilogues, QuickGELU folded into fc1 and the rotary pairs side by side, with no packed layout (none
+    measured faster in fp32, bench/fp32_linears.py) and no row chunks (those pay in 16 bits only). A linear
+    the rewrite changes is a copy; the mapped original's pages are handed back."""
+    mapped = file_mappings()
+
+    def make(lin: nn.Linear, **rewrite) -> PlainLinear:
+        fast = PlainLinear(lin, **rewrite)
+        if fast.weight.data_ptr() != lin.weight.data_ptr():
+            release_mapped_pages(lin.weight, mapped)
         return fast
 
     return chunked.apply(tower, make)

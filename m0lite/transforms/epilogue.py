@@ -26,15 +26,21 @@ class EpilogueLinear(nn.Module):
 
 class PlainLinear(EpilogueLinear):
     """`lin`'s own torch math, unfused, computing the re-parametrised layer the fast forms ask for: outputs
-    in the order `out_order` and x (weight_scale W)^T + bias_scale b. A copy of the weights; for tests and
-    breakdowns of the fast forms where oneDNN's layout does not apply (fp32)."""
+    in the order `out_order` and x (weight_scale W)^T + bias_scale b: the fast forms in fp32, where oneDNN's
+    layout does not pay (transforms.rewrite_fp32). `lin`'s own tensors where nothing changes, else a copy."""
 
     def __init__(self, lin: nn.Linear, *, out_order=None, weight_scale: float = 1.0, bias_scale: float = 1.0):
         super().__init__()
-        order = torch.arange(lin.out_features) if out_order is None else torch.tensor(out_order)
-        self.weight = lin.weight.detach()[order] * weight_scale
-        self.bias = None if lin.bias is None else lin.bias.detach()[order] * bias_scale
+        self.weight = _rewritten(lin.weight, out_order, weight_scale)
+        self.bias = None if lin.bias is None else _rewritten(lin.bias, out_order, bias_scale)
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
+
+
+def _rewritten(t: torch.Tensor, order, scale: float) -> torch.Tensor:
+    t = t.detach()
+    if order is not None:
+        t = t[torch.tensor(order)]
+    return t * scale if scale != 1.0 else t
