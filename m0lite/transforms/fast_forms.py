@@ -56,9 +56,9 @@ class FastForms:
             self.pack(["decoder", "vision"] if pack_weights else ["decoder"])
 
     @property
-    def active(self) -> bool:
-        """Whether any tower has a fast form it is in or will take."""
-        return bool(self.rows_run or self._in_form)
+    def with_form(self) -> list[str]:
+        """Which towers have a fast form, taken or to be taken."""
+        return [name for name, t in self.towers.items() if t in self.rows_run or t in self._in_form]
 
     @property
     def packed(self) -> list[str]:
