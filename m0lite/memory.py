@@ -24,7 +24,6 @@ import ctypes.util
 import functools
 import mmap
 import sys
-
 import weakref
 
 import torch

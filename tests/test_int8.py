@@ -388,3 +388,14 @@ def test_cli_quantize_then_rank(tiny_ckpt, tmp_path, capsys):
     assert from_file == at_load and len(at_load) == len(DOCS)
     assert main(["quantize", str(tiny_ckpt), str(out)]) == 2  # refuses to write into a full folder
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_lean_mode_prepares_its_towers_even_with_pack_weights_false(tiny_ckpt):
+    """pack_weights=False (as compile=True and `serve --pack-weights never` pass) keeps the exact mode's plain
+    math; the lean mode has no plain form to keep, so its towers are prepared as without it."""
+    off = Reranker.from_pretrained(tiny_ckpt, quantize="int8", pack_weights=False)
+    default = Reranker.from_pretrained(tiny_ckpt, quantize="int8")
+    assert off.packed == default.packed == ["decoder"]
+    pairs = [[QUERY, {"image": page(8)}], [QUERY, DOCS[0]]]
+    assert off.compute_score(pairs) == default.compute_score(pairs)
+    assert off.packed == ["decoder", "vision"]

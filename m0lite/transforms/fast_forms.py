@@ -49,8 +49,8 @@ class FastForms:
         if pack_weights and (self.quantized or has != ("decoder", "vision")):
             why = "an int8 model" if self.quantized else f"{model.dtype} on {model.device}"
             raise InputError(f"pack_weights=True needs bf16 on a CPU with native bf16, not {why}")
-        # Towers not yet in their fast form, with the rows each has run.
-        self.rows_run = {} if pack_weights is False else {self.towers[name]: 0 for name in has}
+        # Towers not yet in their fast form, with the rows each has run (the lean mode's are always prepared).
+        self.rows_run = {} if pack_weights is False and not self.quantized else {self.towers[n]: 0 for n in has}
         self._in_form: list[nn.Module] = []
         if pack_weights or self.quantized:
             self.pack(["decoder", "vision"] if pack_weights else ["decoder"])
