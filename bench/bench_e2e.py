@@ -88,9 +88,10 @@ def write_checkpoint(folder: Path, config, dtype: str = "bf16") -> Path:
     return folder
 
 
-def warm_page_cache(folder: Path) -> None:
-    """Read the weights once so that no side pays a cold disk read the other does not."""
-    for f in sorted(folder.glob("*.safetensors")):
+def warm_page_cache(path: Path) -> None:
+    """Read the weights (a checkpoint folder's safetensors, or one file) once, so that no side pays a cold disk
+    read another does not."""
+    for f in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
         with open(f, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass

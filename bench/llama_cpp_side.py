@@ -215,23 +215,18 @@ def score_head(ckpt: Path):
                       + w["score.2.bias"]).squeeze(-1).tolist()
 
 
-def read_into_page_cache(path: Path) -> None:
-    """Every side starts from a warm page cache: its file read once before its process starts."""
-    for f in ([path] if path.is_file() else sorted(path.glob("*.safetensors"))):
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 def raw_from_normalised(s: float) -> float:
     return math.log(s / (1 - s)) + SCORE_SHIFT
 
 
 def run_side(side: str, workload: str, args) -> dict:
+    """One side alone in a fresh process, its file read into the page cache first."""
+    from bench.bench_e2e import warm_page_cache
+
     variants = list(range(TIMED_VARIANTS, TIMED_VARIANTS + args.repeats))
     if side.startswith("m0lite"):
         ckpt = args.int8_ckpt if side == "m0lite-int8" else args.ckpt
-        read_into_page_cache(ckpt)
+        warm_page_cache(ckpt)
         cmd = [sys.executable, str(REPO / "bench" / "e2e_worker.py"), "--side", "m0lite", "--ckpt", str(ckpt),
                "--workload", workload, "--dtype", args.dtype, "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--max-others", "1.0"]
@@ -242,7 +237,7 @@ def run_side(side: str, workload: str, args) -> dict:
                 "what": f"{r['description']}, {args.dtype}" + (f", int8 file {ckpt.name}" if side == "m0lite-int8" else "")}
     quant, _, mode = side.removeprefix("llama-").partition("-")
     model = gguf_path(args.ckpt, quant)
-    read_into_page_cache(model)
+    warm_page_cache(model)
     warm, runs = prompt_ids(args.ckpt, workload, variants)
     job = home() / f"job-{workload}.json"
     job.write_text(json.dumps({"model": str(model), "threads": args.threads, "packed": mode == "packed",

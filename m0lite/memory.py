@@ -99,6 +99,18 @@ def populate(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ)
 
 
+def converted(t: torch.Tensor, mapped: list[tuple[int, int]], dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """t in `dtype` on `device`: t itself where it is already (a mapped tensor stays a view of its file); else a
+    copy, for which a mapped t is read whole at once (`populate`) and its pages then handed back, so that the
+    copy does not sit beside the file's pages in the resident set."""
+    if t.dtype == dtype and t.device == torch.device(device):
+        return t
+    populate(t, mapped)
+    copy = t.to(device=device, dtype=dtype)
+    release_mapped_pages(t, mapped)
+    return copy
+
+
 def _pages(t: torch.Tensor, outer: bool) -> tuple[int, int]:
     """The page-aligned span of t's memory: the pages it touches (outer), or those wholly inside it."""
     start, end = _span(t)
@@ -153,7 +165,5 @@ def convert_pending(tower: nn.Module) -> None:
     mapped = file_mappings()
     with torch.no_grad():
         for p in tower.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
-                populate(p.data, mapped)
-                stored, p.data = p.data, p.data.to(dtype)
-                release_mapped_pages(stored, mapped)
+            if p.is_floating_point():
+                p.data = converted(p.data, mapped, dtype, p.device)

@@ -20,7 +20,7 @@ import torch
 from m0lite.config import ModelConfig
 from m0lite.errors import WeightsError
 from m0lite.images.preprocess import check_geometry
-from m0lite.memory import convert_on_first_pass, file_mappings, populate, release_mapped_pages
+from m0lite.memory import convert_on_first_pass, converted, file_mappings, populate, release_mapped_pages
 from m0lite.model import JinaReranker
 from m0lite.transforms import int8
 
@@ -181,12 +181,9 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             # before its first pass (memory.convert_on_first_pass), so a text-only process never holds it.
             state[name] = t.to(device)
             continue
-        # Scales stay fp32 whatever the model's dtype. A no-op (the mmap view itself) when nothing changes.
-        if t.dtype != dtype or torch.device(device).type != "cpu":
-            populate(t, mapped)  # read whole now
-        state[name] = t.to(device=device, dtype=torch.float32 if name.endswith(".weight_scale") else dtype)
-        if state[name].data_ptr() != t.data_ptr():  # a converted copy: the file's pages are not read again
-            release_mapped_pages(t, mapped)  # else a bf16 checkpoint loaded in fp32 holds both (bench/RESULTS.md)
+        # Scales stay fp32 whatever the model's dtype. The mmap view itself when nothing changes; a converted
+        # copy hands the file's pages back, else a bf16 checkpoint loaded in fp32 holds both (bench/RESULTS.md).
+        state[name] = converted(t, mapped, torch.float32 if name.endswith(".weight_scale") else dtype, device)
         if name.endswith(".weight_scale") and not bool(torch.isfinite(state[name]).all() and (state[name] > 0).all()):
             raise WeightsError(f"{path}: tensor {name} holds scales that are not all finite and positive")
     state[PATCH_EMBED] = from_file(PATCH_EMBED, state[PATCH_EMBED])

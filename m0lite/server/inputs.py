@@ -260,27 +260,6 @@ class InputLoader:
         return Cost(min(tokens, self.settings.max_length), patches)
 
 
-class _naming_pdf:
-    """Errors raised while loading one PDF name it, and the flag of a limit it is over (413)."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or not isinstance(exc, M0liteError):
-            return False
-        msg = str(exc).replace("(max_pdf_pages)", "(--max-pdf-pages)")
-        msg = msg.replace("(decompression-bomb guard)", "(--max-image-pixels)")
-        if isinstance(exc, (ImageTooLargeError, PdfTooLargeError)):
-            if "bytes" in msg and "--max" not in msg:
-                msg += " (--max-pdf-bytes)"
-            raise PdfTooLargeError(f"{self.where}: {msg}") from None
-        raise PdfError(f"{self.where}: {msg}") from None
-
-
 class _naming:
     """Errors raised while loading one image name it ("documents[3]: ...")."""
 
@@ -302,3 +281,18 @@ class _naming:
         if isinstance(exc, M0liteError):
             raise ImageError(f"{self.where}: {exc}") from None
         return False
+
+
+class _naming_pdf(_naming):
+    """Errors raised while loading one PDF name it, and the flag of a limit it is over (413)."""
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not isinstance(exc, M0liteError):
+            return False
+        msg = str(exc).replace("(max_pdf_pages)", "(--max-pdf-pages)")
+        msg = msg.replace("(decompression-bomb guard)", "(--max-image-pixels)")
+        if isinstance(exc, (ImageTooLargeError, PdfTooLargeError)):
+            if "bytes" in msg and "--max" not in msg:
+                msg += " (--max-pdf-bytes)"
+            raise PdfTooLargeError(f"{self.where}: {msg}") from None
+        raise PdfError(f"{self.where}: {msg}") from None
