@@ -1,6 +1,6 @@
 """Where one side's resident memory goes: by stage, by mapping, by checkpoint tensor, and a run's live heap.
 
-    python bench/memory_breakdown.py --workload text8                       # bf16 m0lite, the cached full checkpoint
+    python bench/memory_breakdown.py --workload text8                       # m0lite in the CPU's dtype, the cached full checkpoint
     python bench/memory_breakdown.py --workload image2 --int8-ckpt DIR      # lean mode, from `m0lite quantize`'s file
 
 One process, as a bench_e2e.py worker runs (inputs made before loading, then
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the cached random one)")
     ap.add_argument("--int8-ckpt", type=Path, default=None, help="load this `m0lite quantize` output instead")
     ap.add_argument("--quantize", action="store_true", help="quantise --model to int8 at load")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="default: the library's (bf16 if the CPU has native bf16, else fp32)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=8)
@@ -114,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = args.model or ensure_checkpoint(quick=False)
     made = {v: make_workload(args.workload, folder, False, v) for v in range(args.runs)}
-    from m0lite import Reranker
+    from m0lite import Reranker, cpu
     from m0lite.memory import trim_heap
 
     _tokenizer.cache_clear()  # the harness's tokenizer, as bench_e2e.py's worker lets it go
@@ -122,7 +124,9 @@ def main() -> None:
     print(rss_line("before loading (inputs made)"))
 
     ckpt = args.int8_ckpt or folder
-    rr = Reranker.from_pretrained(ckpt, dtype=torch.bfloat16, quantize="int8" if args.quantize else None)
+    dtype = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    rr = Reranker.from_pretrained(ckpt, dtype=dtype, quantize="int8" if args.quantize else None)
+    print(f"{cpu.describe()}; dtype {rr.model.dtype}")
     print(rss_line("loaded"))
     rr.pack(["decoder", "vision"] if "image" in args.workload else ["decoder"])
     print(rss_line("in the fast form"))

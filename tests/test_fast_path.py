@@ -187,12 +187,14 @@ def test_rowwise_equals_the_whole(n, monkeypatch):
     assert rowwise(lin, x).shape == (n, 24)  # a single tensor comes back as one
 
 
-def test_rowwise_chunks_only_16_bit_cpu_work():
+@pytest.mark.parametrize("dtype, n, chunks", [
+    (torch.bfloat16, 600, [256, 256, 96]), (torch.float16, 600, [256, 256, 96]),  # CHUNK_ROWS, for speed
+    (torch.float32, 600, [600]), (torch.float32, 1024, [1024]),  # fp32: whole up to FP32_CHUNK_ROWS...
+    (torch.float32, 2216, [768, 768, 704]), (torch.float32, 5000, [1024] * 4 + [928])])  # ...then equal chunks
+def test_rowwise_chunks_16_bit_work_for_speed_and_long_fp32_work_for_memory(dtype, n, chunks):
     seen = []
-    for dtype, chunks in ((torch.bfloat16, 3), (torch.float16, 3), (torch.float32, 1)):
-        seen.clear()
-        rowwise(lambda a: seen.append(a.shape[0]) or a, torch.zeros(600, 2, dtype=dtype))
-        assert len(seen) == chunks, dtype
+    out = rowwise(lambda a: seen.append(a.shape[0]) or a * 2, torch.arange(n, dtype=dtype)[:, None])
+    assert seen == chunks and torch.equal(out[:, 0], torch.arange(n, dtype=dtype) * 2)
 
 
 def test_chunked_fp32_model_matches_reference(tiny_ckpt, tiny_reference, images_for_packing, monkeypatch):
@@ -211,7 +213,7 @@ def test_chunked_fp32_model_matches_reference(tiny_ckpt, tiny_reference, images_
 
 @pytest.mark.parametrize("make", [PlainLinear, OneDNNLinear], ids=["plain-layout", "onednn-layout"])
 def test_fp32_fast_form_scores_are_the_plain_math(tiny_ckpt, images_for_packing, make):
-    """The fast forms in fp32 as they would run there (whole, unchunked: rowwise chunks only 16-bit work), on
+    """The fast forms in fp32 as they would run there (whole: these passes are shorter than an fp32 chunk), on
     either weight layout, score text, image and image+text documents as the plain math does, to fp32 rounding.
     fp32 keeps the plain math by default (onednn.packable); this holds the fast forms ready for it."""
     if make is OneDNNLinear and not torch.backends.mkldnn.is_available():

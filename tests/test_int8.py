@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from m0lite import InputError, Reranker, WeightsError, cpu
 from m0lite.cli import main
 from m0lite.transforms import int8
-from m0lite.transforms.chunked import FastDecoderLayer
+from m0lite.transforms import chunked
+from m0lite.transforms.chunked import FastDecoderLayer, rowwise
 from m0lite.weights.quantized import save_quantized
 
 # The stated tolerance (README, Lean mode): int8 normalised scores within 0.03 of the exact ones. The tiny
@@ -152,6 +153,40 @@ def test_residual_in_the_matmul_is_the_sum(dtype, bias):
     # One rounding of the sum instead of two: within one step of the model dtype.
     step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22
     assert got.dtype == dtype and ((got.float() - want).abs() <= step * want.abs().clamp_min(1)).all()
+
+
+@pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_staged_mlps_are_the_epilogue_forms(tiny_ckpt, dtype):
+    """The int8 MLPs that run the work between their matmuls a stage of rows at a time (int8.swiglu_add,
+    int8.quick_gelu_add) are the same operations in the same order as the fast forms' EpilogueLinear ones:
+    the same values, over fewer rows than a stage and over several stages."""
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=dtype, quantize="int8", int8_compute="dynamic")
+    rr.pack(["decoder", "vision"])
+    layer, block = rr.model.model.layers[0], rr.model.visual.blocks[0]
+    assert layer.mlp_add is int8.swiglu_add and block.mlp_add is int8.quick_gelu_add
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for rows in (1, 37, 2 * int8.STAGE_ROWS + 5):
+            for staged, plain, mlp, width in ((int8.swiglu_add, chunked.swiglu_add, layer.mlp, layer.mlp.gate_proj.in_features),
+                                              (int8.quick_gelu_add, chunked.quick_gelu_add, block.mlp, block.mlp.fc1.in_features)):
+                h, res = torch.randn(rows, width).to(dtype), torch.randn(rows, width).to(dtype)
+                assert torch.equal(staged(mlp, h, res), plain(mlp, h, res)), (staged.__name__, rows)
+
+
+@pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
+def test_fp32_chunks_change_no_score(tiny_ckpt, monkeypatch):
+    """In fp32 a long pass runs in chunks of at most FP32_CHUNK_ROWS rows (for memory): every row's arithmetic
+    is the same as in one piece, text and image alike."""
+    rr = Reranker.from_pretrained(tiny_ckpt, dtype=torch.float32, quantize="int8", int8_compute="dynamic")
+    pairs = [[QUERY, d] for d in DOCS] + [[QUERY, {"image": page(7, 300, 260), "text": DOCS[1]}]]
+    whole, _ = rr.score_pairs(pairs, normalize=False)
+    monkeypatch.setattr(chunked, "FP32_CHUNK_ROWS", 64)
+    calls = []
+    monkeypatch.setattr(chunked, "rowwise", lambda fn, *xs: calls.append(xs[0].shape[0]) or rowwise(fn, *xs))
+    cut, _ = rr.score_pairs(pairs, normalize=False)
+    assert max(calls) > 64  # passes longer than a chunk ran
+    assert cut == whole
 
 
 def test_dynamic_vision_attention_is_materialized_in_16_bits(tiny_ckpt):

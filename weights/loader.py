@@ -176,9 +176,10 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             continue
         if t.dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{path}: tensor {name} has dtype {t.dtype}, expected bf16, fp16 or fp32")
-        if not (quantize or stored_int8) and (name == EMBEDDINGS or name.startswith("visual.")):
+        if name == EMBEDDINGS or name.startswith("visual.") and not name.endswith(".weight_scale"):
             # As stored: a pass converts the rows it looks up (model.py), and the vision tower is converted
-            # before its first pass (memory.convert_on_first_pass), so a text-only process never holds it.
+            # before its first pass (memory.convert_on_first_pass), so a text-only process never holds it
+            # (in the lean mode, what stays floating-point: the merger's 34M weights, 131 MiB in fp32).
             state[name] = t.to(device)
             continue
         # Scales stay fp32 whatever the model's dtype. The mmap view itself when nothing changes; a converted
@@ -189,8 +190,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     state[PATCH_EMBED] = from_file(PATCH_EMBED, state[PATCH_EMBED])
 
     model.load_state_dict(state, strict=True, assign=True)
-    if not stored_int8 and not quantize:
-        convert_on_first_pass(model.visual, dtype)  # a no-op where the file holds the model's dtype already
+    convert_on_first_pass(model.visual, dtype)  # a no-op where the file holds the model's dtype already
     return model.eval().requires_grad_(False)
 
 

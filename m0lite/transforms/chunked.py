@@ -36,8 +36,11 @@ from ..vision import QUICK_GELU, VisionBlock
 from .epilogue import EpilogueLinear
 from .onednn import CHUNK_ROWS
 
-# Activation dtypes that are chunked. In fp32 (MKL) a decoder layer runs faster whole.
+# Activation dtypes chunked for speed, CHUNK_ROWS rows a chunk: the activations stay in cache.
 CHUNK_DTYPES = (torch.bfloat16, torch.float16)
+# fp32 runs its matmuls faster over many rows (MKL; oneDNN's int8 kernels); it is cut, into equal chunks of at
+# most this many rows, to bound a long batch's activations: (16k, 17,920) fp32 alone is 1.1 GiB.
+FP32_CHUNK_ROWS = 1024
 
 # Turns a model's nn.Linear (or a layer already converted, such as Int8Linear) into an EpilogueLinear,
 # with the vision rewrites' output order `out_order` and scales.
@@ -47,20 +50,32 @@ MakeLinear = Callable[..., EpilogueLinear]
 ROW_MULTIPLE = 32  # every matmul of the fast forms runs a multiple of this many rows (see rowwise)
 
 
+def chunk_rows(n: int, dtype: torch.dtype) -> int:
+    """Rows per chunk of a pass of n rows on CPU: CHUNK_ROWS in 16 bits; in fp32 n cut into equal chunks of
+    at most FP32_CHUNK_ROWS rows, each a multiple of ROW_MULTIPLE; other dtypes whole (n)."""
+    if dtype in CHUNK_DTYPES:
+        return CHUNK_ROWS
+    if dtype == torch.float32 and n > FP32_CHUNK_ROWS:
+        chunks = -(-n // FP32_CHUNK_ROWS)
+        return -(-n // (chunks * ROW_MULTIPLE)) * ROW_MULTIPLE
+    return max(n, 1)
+
+
 def rowwise(fn, *xs: torch.Tensor):
     """fn(*xs) for a row-wise fn (row i of each output depends only on row i of each input), computed
-    on CPU in bf16/fp16 in chunks of CHUNK_ROWS rows. fn returns a tensor or a tuple of tensors.
+    on CPU in chunks of chunk_rows rows. fn returns a tensor or a tuple of tensors.
 
     A chunk of fewer rows (the last one, or a small pass) is padded with zero rows to a multiple of
     ROW_MULTIPLE, and the padding's outputs dropped: oneDNN keeps state for every row count it has seen
     (about half a MiB each, never freed), and a server would otherwise meet a new count on almost every
     pass."""
     first, n = xs[0], xs[0].shape[0]
-    if first.device.type != "cpu" or first.dtype not in CHUNK_DTYPES:
+    rows_per = chunk_rows(n, first.dtype)
+    if first.device.type != "cpu" or rows_per >= n and first.dtype not in CHUNK_DTYPES:
         return fn(*xs)
     outs, one = None, True
-    for s in range(0, n, CHUNK_ROWS):
-        part = [x[s:s + CHUNK_ROWS] for x in xs]
+    for s in range(0, n, rows_per):
+        part = [x[s:s + rows_per] for x in xs]
         rows = part[0].shape[0]
         pad = -rows % ROW_MULTIPLE
         if pad:
@@ -68,7 +83,7 @@ def rowwise(fn, *xs: torch.Tensor):
         ys = fn(*part)
         one = isinstance(ys, torch.Tensor)
         ys = (ys,) if one else ys
-        if n <= CHUNK_ROWS:  # one chunk: its outputs are the result
+        if n <= rows_per:  # one chunk: its outputs are the result
             return ys[0][:rows] if one else tuple(y[:rows] for y in ys)
         if outs is None:
             # 3-D outputs, the (rows, heads, head_dim) queries, keys and values, are stored heads-major:
@@ -82,12 +97,24 @@ def rowwise(fn, *xs: torch.Tensor):
     return outs[0] if one else tuple(outs)
 
 
-class FastDecoderLayer(nn.Module):
-    """`DecoderLayer` in row-wise chunks with fused epilogues; same math, same signature."""
+def swiglu_add(mlp: nn.Module, h, res):
+    """res + down(silu(gate h) * up h): the decoder's MLP and its residual, on EpilogueLinears."""
+    return mlp.down_proj.add(mlp.up_proj.mul(h, mlp.gate_proj.silu(h)), res)
 
-    def __init__(self, layer: DecoderLayer, make: MakeLinear):
+
+def quick_gelu_add(mlp: nn.Module, h, res):
+    """res + fc2(QuickGELU(fc1 h)): the vision block's MLP and its residual, on the rewritten EpilogueLinears
+    (fc1 computes 1.702 u, fc2 takes the 1 / 1.702: see the module docstring)."""
+    return mlp.fc2.add(mlp.fc1.silu(h), res)
+
+
+class FastDecoderLayer(nn.Module):
+    """`DecoderLayer` in row-wise chunks with fused epilogues; same math, same signature. Its MLP with the
+    residual is `mlp_add(mlp, h, res)` (swiglu_add, or a form of it for other linears: int8.swiglu_add)."""
+
+    def __init__(self, layer: DecoderLayer, make: MakeLinear, mlp_add=swiglu_add):
         super().__init__()
-        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.self_attn, self.mlp, self.mlp_add = layer.self_attn, layer.mlp, mlp_add
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         for m, names in ((self.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                          (self.mlp, ("gate_proj", "up_proj", "down_proj"))):
@@ -126,8 +153,7 @@ class FastDecoderLayer(nn.Module):
     def _out(self, a, x):
         """x + o_proj(a), then the MLP block with its residual."""
         h, res = self.post_attention_layernorm(self.self_attn.o_proj(a), residual=x)  # res = x + o, h = norm(res)
-        mlp = self.mlp
-        return mlp.down_proj.add(mlp.up_proj.mul(h, mlp.gate_proj.silu(h)), res)
+        return self.mlp_add(self.mlp, h, res)
 
 
 @functools.cache  # one tuple shared by every block
@@ -189,12 +215,13 @@ def lean_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None):
 
 class FastVisionBlock(nn.Module):
     """`VisionBlock` in row-wise chunks, with fused epilogues and the two weight rewrites above; its
-    attention `ops.attention` or another function of the same signature (materialized_attention)."""
+    attention `ops.attention` or another function of the same signature (materialized_attention), its MLP
+    with the residual `mlp_add` (quick_gelu_add or a form of it: int8.quick_gelu_add)."""
 
-    def __init__(self, block: VisionBlock, make: MakeLinear, attention=ops.attention):
+    def __init__(self, block: VisionBlock, make: MakeLinear, attention=ops.attention, mlp_add=quick_gelu_add):
         super().__init__()
         self.norm1, self.norm2, self.attn, self.mlp = block.norm1, block.norm2, block.attn, block.mlp
-        self.attention = attention
+        self.attention, self.mlp_add = attention, mlp_add
         attn, mlp = self.attn, self.mlp
         attn.qkv = make(attn.qkv, out_order=qkv_pair_order(attn.n_heads, attn.head_dim))
         attn.proj = make(attn.proj)
@@ -218,20 +245,22 @@ class FastVisionBlock(nn.Module):
     def _out(self, a, x):
         """x + proj(a), then the MLP block with its residual: fc2(swish(fc1 x)) on the scaled weights."""
         x = self.attn.proj.add(a, x)
-        return self.mlp.fc2.add(self.mlp.fc1.silu(self.norm2(x)), x)
+        return self.mlp_add(self.mlp, self.norm2(x), x)
 
 
-def apply(tower: nn.Module, make: MakeLinear, vision_attention=ops.attention) -> int:
+def apply(tower: nn.Module, make: MakeLinear, vision_attention=ops.attention, decoder_mlp=swiglu_add,
+          vision_mlp=quick_gelu_add) -> int:
     """Put every decoder layer or vision block of `tower` (a Decoder or a VisionTower) in its fast form, and
     the vision tower's patch embedding and merger on `make`'s linears; the number of blocks replaced (0 when
-    the tower is in its fast form already). The vision blocks attend with `vision_attention`."""
+    the tower is in its fast form already). The vision blocks attend with `vision_attention`; the MLPs run
+    as `decoder_mlp` and `vision_mlp` say."""
     blocks = getattr(tower, "layers", None) or tower.blocks
     done = 0
     for i, block in enumerate(blocks):
         if isinstance(block, DecoderLayer):
-            blocks[i] = FastDecoderLayer(block, make)
+            blocks[i] = FastDecoderLayer(block, make, decoder_mlp)
         elif isinstance(block, VisionBlock):
-            blocks[i] = FastVisionBlock(block, make, vision_attention)
+            blocks[i] = FastVisionBlock(block, make, vision_attention, vision_mlp)
         else:
             continue
         done += 1

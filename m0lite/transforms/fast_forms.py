@@ -82,7 +82,8 @@ class FastForms:
 
     def _pack(self, tower: nn.Module) -> None:
         if tower in self.rows_run:
-            convert_pending(tower)  # a tower the loader left as stored is laid out from the model's dtype
+            if not self.quantized:  # (int8.prepare converts what it leaves floating-point, once quantised)
+                convert_pending(tower)  # a tower the loader left as stored is laid out from the model's dtype
             self._form(tower)
             del self.rows_run[tower]
             self._in_form.append(tower)

@@ -55,7 +55,7 @@ from torch import nn
 
 from .. import cpu
 from ..errors import InputError
-from ..memory import LookupPages, file_mappings, release_mapped_pages
+from ..memory import LookupPages, convert_pending, file_mappings, release_mapped_pages, trim_heap
 from . import chunked
 from .epilogue import EpilogueLinear
 from .onednn import CHUNK_ROWS
@@ -147,12 +147,15 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(-1, block), rotation(block, x.dtype, x.device)).view(x.shape)
 
 
-def int8_matmul(x: torch.Tensor, packed, weight_scale, zero_points, bias, residual=None, bits: int = 8) -> torch.Tensor:
-    """x (rows, in) in bf16/fp32 times a weight laid out by qlinear_prepack, int8 x int8 (activations in
-    `bits`-bit codes), in x's dtype; plus `residual` (rows, out) if given."""
-    xq, row_scale = quantize_rows(x, bits)
-    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 2 ** (bits - 1), packed, weight_scale, zero_points,
-                                           None, 1.0, 0, x.dtype, "none", [], "")
+def codes_matmul(codes: torch.Tensor, bits: int, packed, weight_scale, zero_points, dtype) -> torch.Tensor:
+    """Quantised rows (quantize_rows' codes) times a weight laid out by qlinear_prepack, int8 x int8, each output
+    channel scaled, in `dtype`: x W^T but for the rows' scales (scale_rows)."""
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 2 ** (bits - 1), packed, weight_scale, zero_points,
+                                              None, 1.0, 0, dtype, "none", [], "")
+
+
+def scale_rows(y: torch.Tensor, row_scale: torch.Tensor, bias=None, residual=None) -> torch.Tensor:
+    """y * row_scale (+ bias) (+ residual), in place on y: codes_matmul's output made the linear's."""
     # The row scale, in y's dtype (see quantize_rows), and the first addend in one pass (addcmul computes in
     # fp32 and rounds once); oneDNN cannot add the bias itself, as it comes after the row scale.
     row_scale = row_scale.to(y.dtype)
@@ -246,8 +249,7 @@ class Int8Linear(EpilogueLinear):
         packed = self._packed
         if packed is None or len(packed.spans) > 1 or x.dim() != 2:
             return super().add(x, other)
-        x = rotate(x) if self.rotated else x
-        return int8_matmul(x, packed.packed, packed.weight_scale, packed.zero_points, packed.bias, other, packed.bits)
+        return packed.matmul(rotate(x) if self.rotated else x, residual=other)
 
 
 @functools.cache
@@ -298,13 +300,29 @@ class SharedInput:
         kept = self._kept
         if getattr(kept, "x", None) is not x or kept.ptr != x.data_ptr() or id(member) in kept.taken:
             kept.x, kept.ptr, kept.taken = x, x.data_ptr(), set()
-            kept.y = int8_matmul(x, self.packed, self.weight_scale, self.zero_points, self.bias, bits=self.bits)
+            kept.y = self.matmul(x)
         kept.taken.add(id(member))
         start, end = self.spans[id(member)]
         y = kept.y[:, start:end]
         if len(kept.taken) == len(self.spans):  # all handed out: keep nothing alive
             kept.x = kept.y = None
         return y
+
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's output of rows x side by side, but for the rows' scales and the bias (scale_rows);
+        and the rows' scales (rows, 1)."""
+        codes, row_scale = quantize_rows(x, self.bits)
+        return codes_matmul(codes, self.bits, self.packed, self.weight_scale, self.zero_points, x.dtype), row_scale
+
+    def of_codes(self, codes, row_scale, dtype, residual=None) -> torch.Tensor:
+        """The output of rows already quantised to this weight's code width (quantize_rows), plus `residual`."""
+        y = codes_matmul(codes, self.bits, self.packed, self.weight_scale, self.zero_points, dtype)
+        return scale_rows(y, row_scale, self.bias, residual)
+
+    def matmul(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """Every member's output of rows x side by side, plus `residual` (rows, out) if given."""
+        y, row_scale = self.unscaled(x)
+        return scale_rows(y, row_scale, self.bias, residual)
 
 
 class Int8Embedding(nn.Module):
@@ -404,23 +422,78 @@ def resolve_compute(compute: str, device: torch.device) -> str:
     return compute
 
 
+STAGE_ROWS = CHUNK_ROWS  # rows of the work between two int8 matmuls done at once: (256, 17,920) stays in cache
+
+
+def staged_codes(stage, rows: int, features: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(stage(s, e)) of rows s..e, STAGE_ROWS rows at a time, into one (rows, features) block of
+    codes and (rows, 1) scales: the next int8 matmul's input."""
+    codes = torch.empty((rows, features), dtype=torch.uint8)
+    scales = torch.empty((rows, 1), dtype=torch.float32)
+    for s in range(0, rows, STAGE_ROWS):
+        e = min(s + STAGE_ROWS, rows)
+        codes[s:e], scales[s:e] = quantize_rows(stage(s, e), bits)
+    return codes, scales
+
+
+# The MLPs of the fast forms (chunked.swiglu_add, chunked.quick_gelu_add) on "dynamic" int8 linears: each matmul
+# over all the rows it is given, and the work between the two, the row scales, the activation, the rotation and
+# the second matmul's quantisation, STAGE_ROWS rows at a time, where it stays in cache. In 16 bits a chunk is
+# one stage; in fp32 the fast forms run many more rows at once, and those passes over a (rows, 17,920)
+# activation went through memory at a fifth of the speed (bench/RESULTS.md, "The lean mode in fp32").
+# The same operations in the same order as the EpilogueLinear forms: the same values.
+
+def swiglu_add(mlp: nn.Module, h, res):
+    """chunked.swiglu_add, staged: res + down(silu(gate h) * up h)."""
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    shared, width = gate._packed, gate.out_features
+    y, row_scale = shared.unscaled(h)  # gate's and up's outputs side by side (SHARED_INPUTS' order)
+
+    def stage(s, e):
+        part = scale_rows(y[s:e], row_scale[s:e], shared.bias)
+        act = F.silu(part[:, :width], inplace=True).mul_(part[:, width:])
+        return rotate(act) if down.rotated else act
+
+    codes, scales = staged_codes(stage, h.shape[0], width, down._packed.bits)
+    return down._packed.of_codes(codes, scales, h.dtype, residual=res)
+
+
+def quick_gelu_add(mlp: nn.Module, h, res):
+    """chunked.quick_gelu_add, staged: res + fc2(swish(fc1 h)) on the rewritten weights."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    y, row_scale = fc1._packed.unscaled(h)
+
+    def stage(s, e):
+        act = F.silu(scale_rows(y[s:e], row_scale[s:e], fc1._packed.bias), inplace=True)
+        return rotate(act) if fc2.rotated else act
+
+    codes, scales = staged_codes(stage, h.shape[0], fc1.out_features, fc2._packed.bits)
+    return fc2._packed.of_codes(codes, scales, h.dtype, residual=res)
+
+
 def prepare(tower: nn.Module, compute: str) -> None:
     """Quantise a tower (if its checkpoint was not) and make it ready to run. "dynamic": its blocks in the
     chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales), then
     every weight laid out for oneDNN, the decoder's SHARED_INPUTS as one matmul each. "weight-only": the
     plain blocks, each linear expanding its weight per call."""
     quantize(tower)
+    # What stays floating-point (norms, biases, the merger), left as stored by the loader (memory.convert_on_first_pass),
+    # in the model's dtype now: after quantize, which reads a weight it quantises from the file as it is.
+    convert_pending(tower)
     if compute == "dynamic":
         mapped = file_mappings()
         chunked.apply(tower, lambda lin, **rewrite:
                       lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
-                      vision_attention=chunked.lean_attention)
-        for layer in getattr(tower, "layers", ()):  # the decoder's (the vision tower's qkv is one linear already)
-            for parent, names in SHARED_INPUTS:
-                module = getattr(layer, parent)
+                      vision_attention=chunked.lean_attention, decoder_mlp=swiglu_add, vision_mlp=quick_gelu_add)
+        for block in [*(getattr(tower, "layers", None) or tower.blocks), tower]:
+            for parent, names in SHARED_INPUTS if isinstance(block, chunked.FastDecoderLayer) else ():
+                module = getattr(block, parent)  # (the vision tower's qkv is one linear already)
                 members = [getattr(module, name) for name in names]
                 if all(isinstance(m, Int8Linear) and m._packed is None for m in members):
                     SharedInput(members, mapped)
-        for m in tower.modules():
-            if isinstance(m, Int8Linear) and m._packed is None:
-                m.prepack(mapped)
+            for m in block.modules():
+                if isinstance(m, Int8Linear) and m._packed is None:
+                    m.prepack(mapped)
+            # What a block's packing freed (the copies side by side) would otherwise stay resident, in holes
+            # of the heap under the next blocks' weights, to the end of the load: 0.26 GiB of the decoder's.
+            trim_heap()
