@@ -1,5 +1,5 @@
 """One decoder layer and one vision block of the real widths (random weights) in fp32, plain math against the
-fast form as fp32 would run it (chunked.py on plain-layout linears, whole: rowwise chunks only 16-bit work),
+fast form as fp32 would run it (chunked.py on plain-layout linears, in chunks of at most FP32_CHUNK_ROWS rows),
 timed in turns; the vision case also times its attention kernel alone, and materialized_attention.
 
     M0LITE_CPU_ISA=avx2 python bench/fp32_blocks.py decoder 7    # text8's batch: 8 prompts of 277 tokens

@@ -46,8 +46,8 @@ def pack_weights(tower: nn.Module) -> int:
 def rewrite_fp32(tower: nn.Module) -> int:
     """The tower's blocks in their fast form on plain fp32 linears (`PlainLinear`, MKL's sgemm): the in-place
     epilogues, QuickGELU folded into fc1 and the rotary pairs side by side, with no packed layout (none
-    measured faster in fp32, bench/fp32_linears.py) and no row chunks (those pay in 16 bits only). A linear
-    the rewrite changes is a copy; the mapped original's pages are handed back."""
+    measured faster in fp32, bench/fp32_linears.py); a pass of more than chunked.FP32_CHUNK_ROWS rows is cut
+    into chunks for memory. A linear the rewrite changes is a copy; the mapped original's pages are handed back."""
     mapped = file_mappings()
 
     def make(lin: nn.Linear, **rewrite) -> PlainLinear:

@@ -1,10 +1,13 @@
 """The CPU fast forms of a decoder layer and a vision block: row-wise chunks and fused epilogues.
 
 Everything in a block but attention is row-wise (row i of the output depends only
-on row i of the input), so on CPU it runs in chunks of CHUNK_ROWS rows whose
-activations, (256, 8960) in the decoder's MLP, stay in cache; the wide matmuls and
-the elementwise work between them then run faster than over thousands of rows at
-once. The linears are `EpilogueLinear`s (onednn.py, int8.py), so SiLU, the SwiGLU
+on row i of the input), so on CPU it runs in chunks. In 16 bits, chunks of CHUNK_ROWS
+rows, whose activations, (256, 8960) in the decoder's MLP, stay in cache; the wide
+matmuls and the elementwise work between them then run faster than over thousands of
+rows at once. fp32's matmuls run faster over many rows (MKL; oneDNN's AVX2 int8 kernel
+lays the weight out again on every call), so fp32 is cut only for memory, into chunks of
+at most FP32_CHUNK_ROWS rows; the lean mode runs the work between its MLP's matmuls in
+cache-sized stages itself (int8.swiglu_add). The linears are `EpilogueLinear`s (onednn.py, int8.py), so SiLU, the SwiGLU
 multiply and the residual adds run inside the matmuls where the kernel can fuse them.
 
 The vision block also rewrites two steps into its weights, for any EpilogueLinear:
@@ -38,8 +41,10 @@ from .onednn import CHUNK_ROWS
 
 # Activation dtypes chunked for speed, CHUNK_ROWS rows a chunk: the activations stay in cache.
 CHUNK_DTYPES = (torch.bfloat16, torch.float16)
-# fp32 runs its matmuls faster over many rows (MKL; oneDNN's int8 kernels); it is cut, into equal chunks of at
-# most this many rows, to bound a long batch's activations: (16k, 17,920) fp32 alone is 1.1 GiB.
+# fp32 runs its matmuls faster over many rows (MKL; oneDNN's AVX2 int8 kernel, which lays the weight out again on
+# each call); it is cut, into equal chunks of at most this many rows, to bound a long batch's activations:
+# (16k, 17,920) fp32 alone is 1.1 GiB. 1024: the lean mode's text8 peak 1.73 GiB, against 1.89 GiB at 2048 and
+# 1.94 whole, for 4% of its speed (bench/RESULTS.md, "The lean mode in fp32").
 FP32_CHUNK_ROWS = 1024
 
 # Turns a model's nn.Linear (or a layer already converted, such as Int8Linear) into an EpilogueLinear,
