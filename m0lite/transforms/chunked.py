@@ -43,8 +43,8 @@ from .onednn import CHUNK_ROWS
 CHUNK_DTYPES = (torch.bfloat16, torch.float16)
 # fp32 runs its matmuls faster over many rows (MKL; oneDNN's AVX2 int8 kernel, which lays the weight out again on
 # each call); it is cut, into equal chunks of at most this many rows, to bound a long batch's activations:
-# (16k, 17,920) fp32 alone is 1.1 GiB. 1024: the lean mode's text8 peak 1.73 GiB, against 1.89 GiB at 2048 and
-# 1.94 whole, for 4% of its speed (bench/RESULTS.md, "The lean mode in fp32").
+# (16k, 17,920) fp32 alone is 1.1 GiB. 1024: the lean mode's text8 peak 1,762-1,785 MiB, against 1,887-1,912 at
+# 2048 and 1,940-1,979 whole, for about 4% of its speed (bench/RESULTS.md, "The lean mode in fp32").
 FP32_CHUNK_ROWS = 1024
 
 # Turns a model's nn.Linear (or a layer already converted, such as Int8Linear) into an EpilogueLinear,
