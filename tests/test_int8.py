@@ -160,7 +160,8 @@ def test_residual_in_the_matmul_is_the_sum(dtype, bias):
 def test_staged_mlps_are_the_epilogue_forms(tiny_ckpt, dtype):
     """The int8 MLPs that run the work between their matmuls a stage of rows at a time (int8.swiglu_add,
     int8.quick_gelu_add) are the same operations in the same order as the fast forms' EpilogueLinear ones:
-    the same values, over fewer rows than a stage and over several stages."""
+    the same values, over fewer rows than a stage and over several stages, but for fp32 rounding (with oneDNN
+    and MKL held to AVX2, an elementwise kernel over fewer rows moved 64 of 16,544 values by 2.4e-7)."""
     rr = Reranker.from_pretrained(tiny_ckpt, dtype=dtype, quantize="int8", int8_compute="dynamic")
     rr.pack(["decoder", "vision"])
     layer, block = rr.model.model.layers[0], rr.model.visual.blocks[0]
@@ -171,7 +172,8 @@ def test_staged_mlps_are_the_epilogue_forms(tiny_ckpt, dtype):
             for staged, plain, mlp, width in ((int8.swiglu_add, chunked.swiglu_add, layer.mlp, layer.mlp.gate_proj.in_features),
                                               (int8.quick_gelu_add, chunked.quick_gelu_add, block.mlp, block.mlp.fc1.in_features)):
                 h, res = torch.randn(rows, width).to(dtype), torch.randn(rows, width).to(dtype)
-                assert torch.equal(staged(mlp, h, res), plain(mlp, h, res)), (staged.__name__, rows)
+                torch.testing.assert_close(staged(mlp, h, res), plain(mlp, h, res), rtol=1e-5, atol=1e-5,
+                                           msg=f"{staged.__name__}, {rows} rows")
 
 
 @pytest.mark.skipif(not HAS_ONEDNN_INT8, reason="no oneDNN int8 kernels in this torch build")
