@@ -473,9 +473,10 @@ def quick_gelu_add(mlp: nn.Module, h, res):
 
 def prepare(tower: nn.Module, compute: str) -> None:
     """Quantise a tower (if its checkpoint was not) and make it ready to run. "dynamic": its blocks in the
-    chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales), then
-    every weight laid out for oneDNN, the decoder's SHARED_INPUTS as one matmul each. "weight-only": the
-    plain blocks, each linear expanding its weight per call."""
+    chunked fast form on the int8 linears (the vision rewrites applied to the int8 weights' scales, the MLPs
+    staged: swiglu_add, quick_gelu_add), then every weight laid out for oneDNN, the decoder's SHARED_INPUTS
+    as one matmul each, the heap trimmed after each block. "weight-only": the plain blocks, each linear
+    expanding its weight per call."""
     quantize(tower)
     # What stays floating-point (norms, biases, the merger), left as stored by the loader (memory.convert_on_first_pass),
     # in the model's dtype now: after quantize, which reads a weight it quantises from the file as it is.
