@@ -169,8 +169,9 @@ def test_staged_mlps_are_the_epilogue_forms(tiny_ckpt, dtype):
     torch.manual_seed(0)
     with torch.inference_mode():
         for rows in (1, 37, 2 * int8.STAGE_ROWS + 5):
-            for staged, plain, mlp, width in ((int8.swiglu_add, chunked.swiglu_add, layer.mlp, layer.mlp.gate_proj.in_features),
-                                              (int8.quick_gelu_add, chunked.quick_gelu_add, block.mlp, block.mlp.fc1.in_features)):
+            for staged, plain, mlp, width in (
+                    (int8.swiglu_add, chunked.swiglu_add, layer.mlp, layer.mlp.gate_proj.in_features),
+                    (int8.quick_gelu_add, chunked.quick_gelu_add, block.mlp, block.mlp.fc1.in_features)):
                 h, res = torch.randn(rows, width).to(dtype), torch.randn(rows, width).to(dtype)
                 torch.testing.assert_close(staged(mlp, h, res), plain(mlp, h, res), rtol=1e-5, atol=1e-5,
                                            msg=f"{staged.__name__}, {rows} rows")

@@ -7,8 +7,9 @@ matmuls and the elementwise work between them then run faster than over thousand
 rows at once. fp32's matmuls run faster over many rows (MKL; oneDNN's AVX2 int8 kernel
 lays the weight out again on every call), so fp32 is cut only for memory, into chunks of
 at most FP32_CHUNK_ROWS rows; the lean mode runs the work between its MLP's matmuls in
-cache-sized stages itself (int8.swiglu_add). The linears are `EpilogueLinear`s (onednn.py, int8.py), so SiLU, the SwiGLU
-multiply and the residual adds run inside the matmuls where the kernel can fuse them.
+cache-sized stages itself (int8.swiglu_add). The linears are `EpilogueLinear`s
+(onednn.py, int8.py), so SiLU, the SwiGLU multiply and the residual adds run inside the
+matmuls where the kernel can fuse them.
 
 The vision block also rewrites two steps into its weights, for any EpilogueLinear:
 - QuickGELU(u) = swish(1.702 u) / 1.702, and oneDNN fuses swish (silu) into a matmul

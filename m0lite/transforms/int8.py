@@ -436,17 +436,20 @@ def staged_codes(stage, rows: int, features: int, bits: int) -> tuple[torch.Tens
     return codes, scales
 
 
-# The MLPs of the fast forms (chunked.swiglu_add, chunked.quick_gelu_add) on "dynamic" int8 linears: each matmul
-# over all the rows it is given, and the work between the two, the row scales, the activation, the rotation and
-# the second matmul's quantisation, STAGE_ROWS rows at a time, where it stays in cache. In 16 bits a chunk is
-# one stage; in fp32 the fast forms run many more rows at once, and those passes over a (rows, 17,920)
-# activation went through memory at a fifth of the speed (bench/RESULTS.md, "The lean mode in fp32").
-# The same operations in the same order as the EpilogueLinear forms: the same values.
+# The MLPs of the fast forms (chunked.swiglu_add, chunked.quick_gelu_add) on "dynamic" int8 linears (prepare):
+# each matmul over all the rows it is given, and the work between the two, the row scales, the activation, the
+# rotation and the second matmul's quantisation, STAGE_ROWS rows at a time, where it stays in cache. In 16 bits
+# a chunk is one stage; in fp32 the fast forms run many more rows at once, and those passes over a (rows,
+# 17,920) activation went through memory at a fifth of the speed (bench/RESULTS.md, "The lean mode in fp32").
+# The same operations in the same order as the EpilogueLinear forms: the same values, fp32 rounding apart (an
+# elementwise kernel may round a value differently over fewer rows).
 
 def swiglu_add(mlp: nn.Module, h, res):
     """chunked.swiglu_add, staged: res + down(silu(gate h) * up h)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     shared, width = gate._packed, gate.out_features
+    if shared is None or up._packed is not shared or list(shared.spans) != [id(gate), id(up)]:
+        return chunked.swiglu_add(mlp, h, res)  # not laid out as prepare lays it out: member by member
     y, row_scale = shared.unscaled(h)  # gate's and up's outputs side by side (SHARED_INPUTS' order)
 
     def stage(s, e):
@@ -478,8 +481,9 @@ def prepare(tower: nn.Module, compute: str) -> None:
     as one matmul each, the heap trimmed after each block. "weight-only": the plain blocks, each linear
     expanding its weight per call."""
     quantize(tower)
-    # What stays floating-point (norms, biases, the merger), left as stored by the loader (memory.convert_on_first_pass),
-    # in the model's dtype now: after quantize, which reads a weight it quantises from the file as it is.
+    # What stays floating-point (norms, biases, the merger), left as stored by the loader
+    # (memory.convert_on_first_pass), in the model's dtype now: after quantize, which reads a weight it quantises
+    # from the file as it is.
     convert_pending(tower)
     if compute == "dynamic":
         mapped = file_mappings()
