@@ -57,28 +57,26 @@ ROW_MULTIPLE = 32  # every matmul of the fast forms runs a multiple of this many
 
 
 def chunk_rows(n: int, dtype: torch.dtype) -> int:
-    """Rows per chunk of a pass of n rows on CPU: CHUNK_ROWS in 16 bits; in fp32 n cut into equal chunks of
-    at most FP32_CHUNK_ROWS rows, each a multiple of ROW_MULTIPLE; other dtypes whole (n)."""
+    """Rows per chunk of a pass of n rows on CPU: CHUNK_ROWS in 16 bits; in fp32 n cut into as few equal chunks
+    as hold at most FP32_CHUNK_ROWS rows each, each a multiple of ROW_MULTIPLE."""
     if dtype in CHUNK_DTYPES:
         return CHUNK_ROWS
-    if dtype == torch.float32 and n > FP32_CHUNK_ROWS:
-        chunks = -(-n // FP32_CHUNK_ROWS)
-        return -(-n // (chunks * ROW_MULTIPLE)) * ROW_MULTIPLE
-    return max(n, 1)
+    chunks = max(-(-n // FP32_CHUNK_ROWS), 1)
+    return max(-(-n // (chunks * ROW_MULTIPLE)) * ROW_MULTIPLE, ROW_MULTIPLE)
 
 
 def rowwise(fn, *xs: torch.Tensor):
     """fn(*xs) for a row-wise fn (row i of each output depends only on row i of each input), computed
-    on CPU in chunks of chunk_rows rows. fn returns a tensor or a tuple of tensors.
+    on CPU in bf16, fp16 and fp32 in chunks of chunk_rows rows. fn returns a tensor or a tuple of tensors.
 
     A chunk of fewer rows (the last one, or a small pass) is padded with zero rows to a multiple of
     ROW_MULTIPLE, and the padding's outputs dropped: oneDNN keeps state for every row count it has seen
     (about half a MiB each, never freed), and a server would otherwise meet a new count on almost every
     pass."""
     first, n = xs[0], xs[0].shape[0]
-    rows_per = chunk_rows(n, first.dtype)
-    if first.device.type != "cpu" or rows_per >= n and first.dtype not in CHUNK_DTYPES:
+    if first.device.type != "cpu" or first.dtype not in (*CHUNK_DTYPES, torch.float32):
         return fn(*xs)
+    rows_per = chunk_rows(n, first.dtype)
     outs, one = None, True
     for s in range(0, n, rows_per):
         part = [x[s:s + rows_per] for x in xs]
