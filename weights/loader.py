@@ -140,13 +140,13 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
     stored_int8 = is_quantized_checkpoint(folder)
     model = meta_model(cfg, stored_int8)  # no memory: every tensor is assigned below
     expected = expected_tensors(cfg, model)
-    at_load, mapped_as_is = {}, set()
+    at_load = {}
     if quantize and not stored_int8:
         # The decoder's weights are quantised as they are read (name -> rotated; each `weight_scale` is made
-        # beside its weight). The vision tower's stay the file's mapped tensors, unread, until its first pass
-        # quantises them (int8.prepare): a text-only process never reads them.
+        # beside its weight). The vision tower's stay the file's mapped tensors (as every floating-point tensor
+        # of it does, below), unread, until its first pass quantises them (int8.prepare): a text-only process
+        # never reads them.
         at_load = int8.quantized_weights(model.model, "model.")
-        mapped_as_is = set(int8.quantized_weights(model.visual, "visual."))
         int8.quantize(model.model)
     kinds = {n: p.dtype for n, p in model.state_dict().items()}
     files = read_checkpoint(folder)
@@ -165,9 +165,6 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devic
             populate(t, mapped)
             state[name], state[name + "_scale"] = (x.to(device) for x in int8.quantize_weight(t, at_load[name]))
             release_mapped_pages(t, mapped)  # read once: only the int8 copy is read from now on
-            continue
-        if name in mapped_as_is and t.dtype in FLOAT_DTYPES:
-            state[name] = t.to(device)
             continue
         if kinds[name] == torch.int8:
             if t.dtype != torch.int8:
