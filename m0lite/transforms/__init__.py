@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..memory import file_mappings, release_mapped_pages
+from ..memory import convert_pending, file_mappings, release_mapped_pages
 from . import chunked
 from .epilogue import PlainLinear
 from .onednn import OneDNNLinear, packable
@@ -33,6 +33,7 @@ __all__ = ["pack_weights", "packable", "rewrite_fp32", "compile_blocks"]
 def pack_weights(tower: nn.Module) -> int:
     """The tower's blocks in their fast form on oneDNN-packed bf16 weights; the blocks converted. The
     mapped pages of the original weights are handed back, so resident memory does not grow."""
+    convert_pending(tower)  # a tower the loader left as stored is laid out from the model's dtype
     mapped, scratch = file_mappings(), {}
 
     def make(lin: nn.Linear, **rewrite) -> OneDNNLinear:
@@ -48,6 +49,7 @@ def rewrite_fp32(tower: nn.Module) -> int:
     epilogues, QuickGELU folded into fc1 and the rotary pairs side by side, with no packed layout (none
     measured faster in fp32, bench/fp32_linears.py); a pass of more than chunked.FP32_CHUNK_ROWS rows is cut
     into chunks for memory. A linear the rewrite changes is a copy; the mapped original's pages are handed back."""
+    convert_pending(tower)  # as in pack_weights
     mapped = file_mappings()
 
     def make(lin: nn.Linear, **rewrite) -> PlainLinear:

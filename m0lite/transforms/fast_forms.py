@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..memory import convert_pending, trim_heap
+from ..memory import trim_heap
 from . import int8, packable, rewrite_fp32
 from . import pack_weights as _pack_weights
 
@@ -82,9 +82,7 @@ class FastForms:
 
     def _pack(self, tower: nn.Module) -> None:
         if tower in self.rows_run:
-            if not self.quantized:  # (int8.prepare converts what it leaves floating-point, once quantised)
-                convert_pending(tower)  # a tower the loader left as stored is laid out from the model's dtype
-            self._form(tower)
+            self._form(tower)  # each form converts what the loader left as stored first (memory.convert_pending)
             del self.rows_run[tower]
             self._in_form.append(tower)
             trim_heap()  # the packing's temporaries (a layer's weights side by side, reordered copies)
