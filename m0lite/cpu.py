@@ -10,8 +10,9 @@ of CPU m0lite's users have on whatever machine they run:
   M0LITE_CPU_ISA=avx512  as AVX-512 before Cooper Lake (Skylake-SP): no VNNI, no native bf16, no AMX
 
 Masking the flags alone would only change m0lite's choices, not the arithmetic under them, so the same
-variable caps oneDNN and MKL (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) unless those are set already.
-Both libraries read their variable at their first matmul: m0lite/__init__.py imports this module before
+variable caps oneDNN, MKL and torch's own vectorised kernels (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
+ATEN_CPU_CAPABILITY: softmax, exp, the flash attention kernel, every elementwise pass) unless those are set
+already. Each library reads its variable at its first use: m0lite/__init__.py imports this module before
 torch, and a subprocess inherits the variables.
 """
 
@@ -20,11 +21,12 @@ from __future__ import annotations
 import functools
 import os
 
-# Per level: the flag prefixes it drops, and the caps it sets for oneDNN and MKL.
+# Per level: the flag prefixes it drops, and the caps it sets for oneDNN, MKL and ATen.
 LEVELS = {
-    "avx2": (("avx512", "amx", "avx_vnni"), "AVX2", "AVX2"),
-    "avx512": (("avx512_bf16", "avx512_vnni", "avx512_fp16", "amx", "avx_vnni"), "AVX512_CORE", "AVX512"),
+    "avx2": (("avx512", "amx", "avx_vnni"), "AVX2", "AVX2", "avx2"),
+    "avx512": (("avx512_bf16", "avx512_vnni", "avx512_fp16", "amx", "avx_vnni"), "AVX512_CORE", "AVX512", "avx512"),
 }
+CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # in LEVELS' order
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bf16 matmuls in hardware; without them torch emulates bf16
 
 
@@ -40,9 +42,8 @@ def level() -> str | None:
 
 def _cap_libraries() -> None:
     if (name := level()) is not None:
-        _, onednn, mkl = LEVELS[name]
-        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", onednn)
-        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", mkl)
+        for variable, cap in zip(CAPS, LEVELS[name][1:]):
+            os.environ.setdefault(variable, cap)
 
 
 _cap_libraries()
@@ -71,6 +72,5 @@ def describe() -> str:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    caps = [f"{k}={os.environ[k]}" for k in ("M0LITE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-            if os.environ.get(k)]
+    caps = [f"{k}={os.environ[k]}" for k in ("M0LITE_CPU_ISA", *CAPS) if os.environ.get(k)]
     return model + (f" [{', '.join(caps)}]" if caps else "")

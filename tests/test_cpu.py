@@ -21,12 +21,13 @@ from m0lite.transforms import int8, packable
 print(json.dumps({"flags": sorted(cpu.flags()), "native_bf16": cpu.native_bf16(),
                   "dtype": str(resolve_dtype(None, torch.device("cpu"))),
                   "packable": packable(torch.device("cpu"), torch.bfloat16),
-                  "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA"), "bits": int8.activation_bits()}))
+                  "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA"), "bits": int8.activation_bits(),
+                  "aten": torch.backends.cpu.get_cpu_capability()}))
 """
 
 
 def probe(level):
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    env = {k: v for k, v in os.environ.items() if k not in cpu.CAPS}
     env["M0LITE_CPU_ISA"] = level
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -42,6 +43,9 @@ def test_mask_reaches_every_choice_and_onednn(level):
     assert set(masked["flags"]) <= set(native["flags"])
     assert masked["native_bf16"] is False and masked["dtype"] == "torch.float32" and masked["packable"] is False
     assert masked["onednn"] == cpu.LEVELS[level][1]
+    order = ["DEFAULT", "AVX2", "AVX512"]  # torch's own kernels: the level's, or the CPU's where it has less
+    if native["aten"] in order:
+        assert masked["aten"] == order[min(order.index(native["aten"]), order.index(cpu.LEVELS[level][3].upper()))]
     if "avx2" in native["flags"] and masked["bits"] is not None:
         # Measured, not read from flags: oneDNN held to a level without VNNI saturates full-range u8 x s8
         # products (int8.activation_bits), so the cap really reached its arithmetic.
