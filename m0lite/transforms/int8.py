@@ -55,7 +55,7 @@ from torch import nn
 
 from .. import cpu
 from ..errors import InputError
-from ..memory import LookupPages, convert_pending, file_mappings, release_mapped_pages, trim_heap
+from ..memory import LookupPages, convert_pending, file_mappings, populate, release_mapped_pages, trim_heap
 from . import chunked
 from .epilogue import EpilogueLinear
 from .onednn import CHUNK_ROWS
@@ -275,6 +275,8 @@ class SharedInput:
     def __init__(self, members: list[Int8Linear], mapped: list[tuple[int, int]]):
         if len({m.bias is None for m in members}) != 1 or len({m.in_features for m in members}) != 1:
             raise ValueError("SharedInput: members must have the same input size and all or none a bias")
+        for m in members:  # a weight still in its file read whole at once, not a page fault at a time
+            populate(m.weight, mapped)
         weight = members[0].weight if len(members) == 1 else torch.cat([m.weight for m in members])  # no copy of one
         # The input shape of a chunk (chunked.py) as oneDNN's hint: the same layout and results at every row
         # count, and a faster prepack than without a hint (most of the time it takes to load; bench/RESULTS.md).
