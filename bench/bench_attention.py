@@ -28,8 +28,8 @@ from common import (CUDA, DEVICE, device_name, no_gpu_banner, peak_matmul_tflops
                     write_csv)
 
 from m0lite.kernels import ops  # importable: common put the repository root on sys.path
+from m0lite.reranker import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DECODER = dict(n_heads=12, n_kv_heads=2, head_dim=128, causal=True)   # Qwen2-VL-2B language model
 VISION = dict(n_heads=16, n_kv_heads=16, head_dim=80, causal=False)   # Qwen2-VL-2B vision tower

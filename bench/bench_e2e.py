@@ -76,14 +76,13 @@ def write_checkpoint(folder: Path, config, dtype: str = "bf16") -> Path:
     (written beside it, then renamed: a folder that exists is complete)."""
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
-    import torch
-
     from m0lite.fixtures.random_checkpoint import write_random_checkpoint
+    from m0lite.reranker import DTYPES
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"writing a random checkpoint to {folder} (once; the full one takes a minute or two, ~10 GB RAM)", file=sys.stderr)
-    write_random_checkpoint(tmp, config, seed=0, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    write_random_checkpoint(tmp, config, seed=0, dtype=DTYPES[dtype])
     os.replace(tmp, folder)
     return folder
 
@@ -144,8 +143,10 @@ def matmul_tflops(dtype_name: str, threads: int) -> float:
     """Measured dense matmul rate (2048^3, this dtype, these threads): the roof the GFLOP/s columns sit under."""
     import torch
 
+    from m0lite.reranker import DTYPES
+
     torch.set_num_threads(threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     a, b = (torch.randn(2048, 2048).to(dtype) for _ in range(2))
     times = []
     for _ in range(12):

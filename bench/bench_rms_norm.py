@@ -19,8 +19,8 @@ import torch
 from common import CUDA, DEVICE, device_name, no_gpu_banner, peak_copy_gbs, print_table, sync, time_ms, write_csv
 
 from m0lite.kernels import ops  # importable: common put the repository root on sys.path
+from m0lite.reranker import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 EPS = 1e-6

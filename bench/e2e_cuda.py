@@ -160,9 +160,11 @@ def main() -> None:
 
     import torch
 
+    from m0lite.reranker import DTYPES
+
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.write_ckpt:
         t = time.perf_counter()
         write_checkpoint(args.ckpt, checkpoint_config(args.write_ckpt), args.dtype)

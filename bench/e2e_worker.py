@@ -214,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tag = f"[{args.side} {args.workload}]"
     log = lambda msg: print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]  # not m0lite.reranker.DTYPES: the reference's worker never imports m0lite
 
     # Inputs are made outside any timing; the first variant before loading, so that importing
     # `tokenizers` and PIL (both sides need them anyway) is not counted as either side's load.

@@ -30,6 +30,7 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 
 from m0lite.kernels import triton_attention as ta  # noqa: E402
 from m0lite.kernels import triton_rms_norm as tr  # noqa: E402
+from m0lite.reranker import DTYPES  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALARS = {"eps": "fp32", "qk_scale": "fp32"}  # every other non-pointer argument is an i32
@@ -69,7 +70,7 @@ def attention_cases(quick):
         for d, group in heads.items():
             d1, d2 = ta.head_dim_split(d)
             for causal in (True, False):
-                torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+                torch_dtype = DTYPES[dt]
                 tiles = {ta.pick_config(d, causal, torch_dtype, n) for n in (ta.SHORT, ta.SHORT + 1)}
                 for tile in sorted(tiles):
                     for past in ([False, True] if causal else [False]):
