@@ -75,10 +75,10 @@ INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2")
 SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
-def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, in) -> (uint8 codes around 2^(bits-1), (rows, 1) fp32 scales): x ~= (codes - 2^(bits-1)) * scale,
-    each row's largest |x| at 2^(bits-1) - 1 (127 for 8 bits, 63 for 7). uint8 with that zero point because
-    oneDNN's fast int8 kernels are u8 x s8."""
+def signed_codes(x: torch.Tensor, bits: int = 8, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (int8 codes, fp32 scales with `dim` kept): x ~= codes * scale, the largest |x| of each slice along
+    `dim` (a row of (rows, in) for dim=1, a column of feature-major (in, rows) for dim=0) at 2^(bits-1) - 1
+    (127 for 8 bits, 63 for 7)."""
     # Each step in x's dtype: torch's CPU kernels that mix bf16 and fp32 operands, or cast to uint8, are
     # several times slower. The multiplier is top / max |x| less a bf16 half-step, so that rounded into x's
     # dtype it is still at most top / max |x|: no |x * multiplier| exceeds top, even rounded, and no clamp
@@ -86,12 +86,19 @@ def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     # rounded twice (to bf16, then to an integer): at most 0.75 of a code off instead of 0.5, and only for
     # |code| >= 64, where bf16's spacing is 0.5.
     top = 2 ** (bits - 1) - 1
-    amax = x.abs().amax(1, keepdim=True).float().clamp_min_(1e-30)
+    amax = x.abs().amax(dim, keepdim=True).float().clamp_min_(1e-30)
     multiplier = amax.reciprocal_().mul_(top * (1 - 2**-8)).clamp_max_(torch.finfo(x.dtype).max).to(x.dtype)  # <= top / max |x|
-    codes = torch.mul(x, multiplier).round_().to(torch.int8)
+    return torch.mul(x, multiplier).round_().to(torch.int8), multiplier.float().reciprocal_()
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, in) -> (uint8 codes around 2^(bits-1), (rows, 1) fp32 scales): signed_codes' of each row, as
+    uint8 with that zero point because oneDNN's fast int8 kernels are u8 x s8."""
+    top = 2 ** (bits - 1) - 1
+    codes, scale = signed_codes(x, bits)
     # 8 bits: c + 128 as uint8 is c's int8 bit pattern with the top bit flipped; 7 bits: c + 64 is in 1..127.
     codes = codes.view(torch.uint8).bitwise_xor_(128) if bits == 8 else codes.add_(top + 1).view(torch.uint8)
-    return codes, multiplier.float().reciprocal_()
+    return codes, scale
 
 
 def exact_at(bits: int) -> bool:
@@ -327,6 +334,64 @@ class SharedInput:
         return scale_rows(y, row_scale, self.bias, residual)
 
 
+@functools.cache
+def first_weight_exact(bits: int) -> bool:
+    """Whether torch._int_mm(W, codes^T), the weight first, gives the exact integer products for `bits`-bit
+    activation codes, on the largest codes of either sign against the largest weights of either sign. oneDNN
+    computes s8 x s8 as u8 x s8 after adding 128 to the first operand; without VNNI vpmaddubsw's int16 sums of
+    two products then hold while the second operand's codes have 7 bits (2 * 255 * 63 < 2^15), not 8."""
+    top, k = 2 ** (bits - 1) - 1, 256
+    w = torch.full((64, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    codes = torch.full((CHUNK_ROWS, k), top, dtype=torch.int8)
+    codes[1::2] = -top
+    try:
+        y = torch._int_mm(w, codes.t())
+    except RuntimeError:
+        return False
+    return torch.equal(y.double(), w.double() @ codes.double().t())
+
+
+@functools.cache
+def feature_major() -> bool:
+    """Whether the MLPs' linears run as `FeatureMajor`: where oneDNN's int8 kernel is vpmaddubsw's (7-bit
+    activations: AVX2, AVX-512 without VNNI), which lays its weight out again on every call, and the weight-first
+    product is exact. With VNNI or AMX, oneDNN's kernels read the layout prepared at load and stay faster."""
+    return activation_bits() == 7 and first_weight_exact(7)
+
+
+class FeatureMajor:
+    """One int8 linear as torch._int_mm(weight, codes^T): the weight first, as stored, and the product (out,
+    rows), feature-major. Nothing is laid out at load (the file's int8 tensor is the weight) and nothing again
+    per call, where oneDNN's vpmaddubsw kernel lays out its weight on every call: 1.6x as fast at 32 rows, 8%
+    at 1,024 (bench/RESULTS.md, "Short passes in the lean mode"). The MLPs keep their activations feature-major
+    between their two matmuls (`feature_major_mlp`); a lone call turns its product into rows."""
+
+    def __init__(self, member: Int8Linear):
+        self.weight, self.weight_scale, self.bias = member.weight, member.weight_scale, member.bias
+        self.bits = activation_bits()
+        self.spans = {id(member): (0, member.out_features)}
+        member._packed = self
+
+    def columns(self, codes_t: torch.Tensor, start: int, end: int, col_scale: torch.Tensor, dtype) -> torch.Tensor:
+        """Output features start..end of codes_t (in, rows) (signed_codes' of each column), feature-major, in
+        `dtype`: the same operations in the same order as codes_matmul, then scale_rows."""
+        y = torch._int_mm(self.weight[start:end], codes_t).float().mul_(self.weight_scale[start:end, None]).to(dtype)
+        col_scale = col_scale.to(dtype)
+        if self.bias is None:
+            return y.mul_(col_scale)
+        return torch.addcmul(self.bias[start:end, None], y, col_scale, out=y)
+
+    def output(self, x: torch.Tensor, member: Int8Linear) -> torch.Tensor:
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """Rows x times the weight, plus `residual` (rows, out) if given."""
+        codes, row_scale = signed_codes(x, self.bits)
+        y = torch._int_mm(self.weight, codes.t()).t().float().mul_(self.weight_scale).to(x.dtype).contiguous()
+        return scale_rows(y, row_scale, self.bias, residual)
+
+
 class Int8Embedding(nn.Module):
     """A token embedding table in int8, one scale per token: `weight` (vocab, dim) int8, `weight_scale`
     (vocab,) fp32; a lookup expands the rows it reads, in fp32 (the model casts them to its dtype)."""
@@ -446,9 +511,48 @@ def staged_codes(stage, rows: int, features: int, bits: int) -> tuple[torch.Tens
 # The same operations in the same order as the EpilogueLinear forms: the same values, fp32 rounding apart (an
 # elementwise kernel may round a value differently over fewer rows).
 
+FEATURE_STAGE = 256  # features of a feature-major MLP's work between its matmuls at once: (256, 256) in cache
+
+
+def feature_major_mlp(first: list[FeatureMajor], act, second: FeatureMajor, rotated: bool, h, res):
+    """res + second(act(*first(h))) on FeatureMajor linears, CHUNK_ROWS rows at a time, feature-major in between
+    (the staged MLPs' work, FEATURE_STAGE features at a time): the second product's input is then already
+    the (in, rows) its weight-first matmul reads, and only its narrow output is turned into rows."""
+    out, bits = torch.empty_like(res), second.bits
+    for s in range(0, h.shape[0], CHUNK_ROWS):
+        e = min(s + CHUNK_ROWS, h.shape[0])
+        codes, scale = signed_codes(h[s:e], bits)
+        codes_t, scale_t = codes.t(), scale.t()
+        width = first[0].weight.shape[0]
+        mid = torch.empty((width, e - s), dtype=h.dtype)
+        for a in range(0, width, FEATURE_STAGE):
+            b = min(a + FEATURE_STAGE, width)
+            v = act(*(f.columns(codes_t, a, b, scale_t, h.dtype) for f in first))
+            if rotated:  # x R for each row's block of features: R^T x over feature-major blocks
+                block = rotation_block(width)
+                torch.matmul(rotation(block, h.dtype, h.device).t(), v.view(-1, block, e - s), out=mid[a:b].view(-1, block, e - s))
+            else:
+                mid[a:b] = v
+        codes, scale = signed_codes(mid, bits, dim=0)
+        y = torch._int_mm(second.weight, codes).t().float().mul_(second.weight_scale).to(h.dtype)
+        scale_rows(y, scale.t(), second.bias, res[s:e])
+        out[s:e] = y
+    return out
+
+
+def _swiglu(g, u):
+    return F.silu(g, inplace=True).mul_(u)
+
+
+def _swish(u):
+    return F.silu(u, inplace=True)
+
+
 def swiglu_add(mlp: nn.Module, h, res):
     """chunked.swiglu_add, staged: res + down(silu(gate h) * up h)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if all(isinstance(m._packed, FeatureMajor) for m in (gate, up, down)):
+        return feature_major_mlp([gate._packed, up._packed], _swiglu, down._packed, down.rotated, h, res)
     shared, width = gate._packed, gate.out_features
     if shared is None or up._packed is not shared or list(shared.spans) != [id(gate), id(up)]:
         return chunked.swiglu_add(mlp, h, res)  # not laid out as prepare lays it out: member by member
@@ -466,6 +570,8 @@ def swiglu_add(mlp: nn.Module, h, res):
 def quick_gelu_add(mlp: nn.Module, h, res):
     """chunked.quick_gelu_add, staged: res + fc2(swish(fc1 h)) on the rewritten weights."""
     fc1, fc2 = mlp.fc1, mlp.fc2
+    if isinstance(fc1._packed, FeatureMajor) and isinstance(fc2._packed, FeatureMajor):
+        return feature_major_mlp([fc1._packed], _swish, fc2._packed, fc2.rotated, h, res)
     y, row_scale = fc1._packed.unscaled(h)
 
     def stage(s, e):
@@ -493,6 +599,10 @@ def prepare(tower: nn.Module, compute: str) -> None:
                       lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
                       vision_attention=chunked.lean_attention, decoder_mlp=swiglu_add, vision_mlp=quick_gelu_add)
         for block in [*(getattr(tower, "layers", None) or tower.blocks), tower]:
+            mlp = getattr(block, "mlp", None)
+            for m in (mlp.children() if mlp is not None and feature_major() else ()):
+                if isinstance(m, Int8Linear) and m._packed is None:
+                    FeatureMajor(m)
             for parent, names in SHARED_INPUTS if isinstance(block, chunked.FastDecoderLayer) else ():
                 module = getattr(block, parent)  # (the vision tower's qkv is one linear already)
                 members = [getattr(module, name) for name in names]
