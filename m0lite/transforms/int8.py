@@ -13,7 +13,11 @@ largest |w| (max |w| -> 127). It computes in one of two ways, chosen at load:
   (AVX2 and AVX-512 CPUs before them) oneDNN multiplies with vpmaddubsw, which adds
   two u8 x s8 products in int16 with saturation: full-range codes would come out
   wrong, so there the activations get 7-bit codes (max |x| -> 63, around 64), whose
-  products are exact, for twice the activations' rounding (`activation_bits`).
+  products are exact, for twice the activations' rounding (`activation_bits`). There
+  oneDNN also lays each weight out again on every call, so the MLPs, most of the
+  weights, take another way to the same integer products in the decoder: the weight
+  first, as stored, through torch._int_mm, their activations feature-major between
+  their two matmuls (`FeatureMajor`, `feature_major_mlp`).
 - "weight-only": the int8 weight is expanded to the activations' dtype inside each
   call and multiplied as usual: half the weight memory, no int8 arithmetic. For
   devices without oneDNN's exact int8 kernels (CUDA, CPUs without AVX2).
@@ -354,7 +358,7 @@ def first_weight_exact(bits: int) -> bool:
 
 @functools.cache
 def feature_major() -> bool:
-    """Whether the MLPs' linears run as `FeatureMajor`: where oneDNN's int8 kernel is vpmaddubsw's (7-bit
+    """Whether the decoder's MLPs run as `FeatureMajor`: where oneDNN's int8 kernel is vpmaddubsw's (7-bit
     activations: AVX2, AVX-512 without VNNI), which lays its weight out again on every call, and the weight-first
     product is exact. With VNNI or AMX, oneDNN's kernels read the layout prepared at load and stay faster."""
     return activation_bits() == 7 and first_weight_exact(7)
@@ -373,10 +377,11 @@ class FeatureMajor:
         self.spans = {id(member): (0, member.out_features)}
         member._packed = self
 
-    def columns(self, codes_t: torch.Tensor, start: int, end: int, col_scale: torch.Tensor, dtype) -> torch.Tensor:
-        """Output features start..end of codes_t (in, rows) (signed_codes' of each column), feature-major, in
-        `dtype`: the same operations in the same order as codes_matmul, then scale_rows."""
-        y = torch._int_mm(self.weight[start:end], codes_t).float().mul_(self.weight_scale[start:end, None]).to(dtype)
+    def scaled(self, y: torch.Tensor, start: int, end: int, col_scale: torch.Tensor, dtype) -> torch.Tensor:
+        """Output features start..end, feature-major in `dtype`, of y (its integer products with rows' codes
+        (out, rows), signed_codes' of each row) and the rows' scales (1, rows): the same operations in the same
+        order as codes_matmul, then scale_rows."""
+        y = torch.mul(y[start:end], self.weight_scale[start:end, None]).to(dtype)  # int32 * fp32: fp32, one rounding
         col_scale = col_scale.to(dtype)
         if self.bias is None:
             return y.mul_(col_scale)
@@ -522,12 +527,12 @@ def feature_major_mlp(first: list[FeatureMajor], act, second: FeatureMajor, rota
     for s in range(0, h.shape[0], CHUNK_ROWS):
         e = min(s + CHUNK_ROWS, h.shape[0])
         codes, scale = signed_codes(h[s:e], bits)
-        codes_t, scale_t = codes.t(), scale.t()
-        width = first[0].weight.shape[0]
+        ys = [torch._int_mm(f.weight, codes.t()) for f in first]  # (width, rows) int32 each
+        width = ys[0].shape[0]
         mid = torch.empty((width, e - s), dtype=h.dtype)
         for a in range(0, width, FEATURE_STAGE):
             b = min(a + FEATURE_STAGE, width)
-            v = act(*(f.columns(codes_t, a, b, scale_t, h.dtype) for f in first))
+            v = act(*(f.scaled(y, a, b, scale.t(), h.dtype) for f, y in zip(first, ys)))
             if rotated:  # x R for each row's block of features: R^T x over feature-major blocks
                 block = rotation_block(width)
                 torch.matmul(rotation(block, h.dtype, h.device).t(), v.view(-1, block, e - s), out=mid[a:b].view(-1, block, e - s))
@@ -542,10 +547,6 @@ def feature_major_mlp(first: list[FeatureMajor], act, second: FeatureMajor, rota
 
 def _swiglu(g, u):
     return F.silu(g, inplace=True).mul_(u)
-
-
-def _swish(u):
-    return F.silu(u, inplace=True)
 
 
 def swiglu_add(mlp: nn.Module, h, res):
@@ -570,8 +571,6 @@ def swiglu_add(mlp: nn.Module, h, res):
 def quick_gelu_add(mlp: nn.Module, h, res):
     """chunked.quick_gelu_add, staged: res + fc2(swish(fc1 h)) on the rewritten weights."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if isinstance(fc1._packed, FeatureMajor) and isinstance(fc2._packed, FeatureMajor):
-        return feature_major_mlp([fc1._packed], _swish, fc2._packed, fc2.rotated, h, res)
     y, row_scale = fc1._packed.unscaled(h)
 
     def stage(s, e):
@@ -599,10 +598,11 @@ def prepare(tower: nn.Module, compute: str) -> None:
                       lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
                       vision_attention=chunked.lean_attention, decoder_mlp=swiglu_add, vision_mlp=quick_gelu_add)
         for block in [*(getattr(tower, "layers", None) or tower.blocks), tower]:
-            mlp = getattr(block, "mlp", None)
-            for m in (mlp.children() if mlp is not None and feature_major() else ()):
-                if isinstance(m, Int8Linear) and m._packed is None:
-                    FeatureMajor(m)
+            # The decoder's MLPs: the vision tower's, over a page's thousands of rows, run 7% slower feature-major.
+            if feature_major() and isinstance(block, chunked.FastDecoderLayer):
+                for m in block.mlp.children():
+                    if isinstance(m, Int8Linear) and m._packed is None:
+                        FeatureMajor(m)
             for parent, names in SHARED_INPUTS if isinstance(block, chunked.FastDecoderLayer) else ():
                 module = getattr(block, parent)  # (the vision tower's qkv is one linear already)
                 members = [getattr(module, name) for name in names]
