@@ -358,16 +358,17 @@ def first_weight_exact(bits: int) -> bool:
 
 @functools.cache
 def feature_major() -> bool:
-    """Whether the decoder's MLPs run as `FeatureMajor`: where oneDNN's int8 kernel is vpmaddubsw's (7-bit
-    activations: AVX2, AVX-512 without VNNI), which lays its weight out again on every call, and the weight-first
-    product is exact. With VNNI or AMX, oneDNN's kernels read the layout prepared at load and stay faster."""
-    return activation_bits() == 7 and first_weight_exact(7)
+    """Whether the decoder's MLPs run as `FeatureMajor`: where oneDNN's int8 kernel is AVX2's (7-bit activations,
+    no AVX-512), which lays its weight out again on every call, and the weight-first product is exact. With
+    AVX-512, VNNI or AMX, oneDNN's kernels read the layout prepared at load and stay as fast or faster (AVX-512
+    without VNNI: 3.4 against 4.2 ms at 32 rows; bench/RESULTS.md, "The lean mode without VNNI")."""
+    return activation_bits() == 7 and not any(f.startswith("avx512") for f in cpu.flags()) and first_weight_exact(7)
 
 
 class FeatureMajor:
     """One int8 linear as torch._int_mm(weight, codes^T): the weight first, as stored, and the product (out,
     rows), feature-major. Nothing is laid out at load (the file's int8 tensor is the weight) and nothing again
-    per call, where oneDNN's vpmaddubsw kernel lays out its weight on every call: 1.6x as fast at 32 rows, 8%
+    per call, where oneDNN's AVX2 kernel lays out its weight on every call: 1.6x as fast at 32 rows, 8%
     at 1,024 (bench/RESULTS.md, "Short passes in the lean mode"). The MLPs keep their activations feature-major
     between their two matmuls (`feature_major_mlp`); a lone call turns its product into rows."""
 
