@@ -21,10 +21,10 @@ from __future__ import annotations
 import functools
 import os
 
-# Per level: the flag prefixes it drops, and the caps it sets for oneDNN, MKL and ATen.
+# Per level: the flag prefixes it drops, the caps it sets for oneDNN, MKL and ATen, and its vector width in bits.
 LEVELS = {
-    "avx2": (("avx512", "amx", "avx_vnni"), "AVX2", "AVX2", "avx2"),
-    "avx512": (("avx512_bf16", "avx512_vnni", "avx512_fp16", "amx", "avx_vnni"), "AVX512_CORE", "AVX512", "avx512"),
+    "avx2": (("avx512", "amx", "avx_vnni"), "AVX2", "AVX2", "avx2", 256),
+    "avx512": (("avx512_bf16", "avx512_vnni", "avx512_fp16", "amx", "avx_vnni"), "AVX512_CORE", "AVX512", "avx512", 512),
 }
 CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # in LEVELS' order
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bf16 matmuls in hardware; without them torch emulates bf16
@@ -42,7 +42,7 @@ def level() -> str | None:
 
 def _cap_libraries() -> None:
     if (name := level()) is not None:
-        for variable, cap in zip(CAPS, LEVELS[name][1:]):
+        for variable, cap in zip(CAPS, LEVELS[name][1:4]):
             os.environ.setdefault(variable, cap)
 
 
@@ -58,6 +58,14 @@ def flags() -> frozenset[str]:
         return frozenset()
     name = level()
     return found if name is None else frozenset(f for f in found if not f.startswith(LEVELS[name][0]))
+
+
+def vector_bits() -> int | None:
+    """The masked level's vector width, for code generated at run time (torch.compile's C++), or None unmasked.
+    Inductor left to pick its own under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU made wrong code (torch
+    2.13: a compiled RMSNorm feeding a linear gave NaN); told the width, it is right."""
+    name = level()
+    return None if name is None else LEVELS[name][4]
 
 
 def native_bf16() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import cpu
 from ..memory import convert_pending, file_mappings, release_mapped_pages
 from . import chunked
 from .epilogue import PlainLinear
@@ -65,5 +66,9 @@ def compile_blocks(model: nn.Module) -> None:
     """torch.compile each vision block and decoder layer (one graph per block type, dynamic shapes).
     On CPU it fuses the elementwise work around the matmuls (rotary, norms, activations); it pays
     where that work is large (the vision tower), at the cost of compiling on the first call."""
+    if (bits := cpu.vector_bits()) is not None:  # a masked CPU (M0LITE_CPU_ISA): code of its width
+        from torch._inductor import config as inductor
+
+        inductor.cpp.simdlen = bits
     for block in [*model.visual.blocks, *model.model.layers]:
         block.forward = torch.compile(block.forward, dynamic=True)
