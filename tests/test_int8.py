@@ -186,7 +186,9 @@ def test_feature_major_mlps_are_the_staged_ones(tiny_ckpt, monkeypatch, dtype):
     bits, where both are exact: the values agree but for fp32 rounding in the rotation, which can move a code
     by one step."""
     monkeypatch.setattr(int8, "activation_bits", lambda: 7)
-    assert int8.first_weight_exact(7)
+    if not int8.first_weight_exact(7):  # (AVX-512 without VNNI, at one row): then the path is never taken
+        assert not int8.feature_major()
+        return
     made = {}
     for on in (False, True):
         monkeypatch.setattr(int8, "feature_major", lambda on=on: on)

@@ -341,19 +341,25 @@ class SharedInput:
 @functools.cache
 def first_weight_exact(bits: int) -> bool:
     """Whether torch._int_mm(W, codes^T), the weight first, gives the exact integer products for `bits`-bit
-    activation codes, on the largest codes of either sign against the largest weights of either sign. oneDNN
-    computes s8 x s8 as u8 x s8 after adding 128 to the first operand; without VNNI vpmaddubsw's int16 sums of
-    two products then hold while the second operand's codes have 7 bits (2 * 255 * 63 < 2^15), not 8."""
+    activation codes, on the largest codes of either sign against the largest weights of either sign, at one row
+    (a matrix-vector kernel of its own), a few and a chunk's. oneDNN computes s8 x s8 as u8 x s8 after adding 128
+    to the first operand; without VNNI vpmaddubsw's int16 sums of two products then hold while the second
+    operand's codes have 7 bits (2 * 255 * 63 < 2^15), not 8 (and at one row under AVX-512 without VNNI, not
+    even 7)."""
     top, k = 2 ** (bits - 1) - 1, 256
     w = torch.full((64, k), 127, dtype=torch.int8)
     w[1::2] = -127
-    codes = torch.full((CHUNK_ROWS, k), top, dtype=torch.int8)
-    codes[1::2] = -top
-    try:
-        y = torch._int_mm(w, codes.t())
-    except RuntimeError:
-        return False
-    return torch.equal(y.double(), w.double() @ codes.double().t())
+    for rows in (1, 2, 32, CHUNK_ROWS):
+        codes = torch.full((rows, k), top, dtype=torch.int8)
+        codes[1::2] = -top
+        for c in (codes, -codes):
+            try:
+                y = torch._int_mm(w, c.t())
+            except RuntimeError:
+                return False
+            if not torch.equal(y.double(), w.double() @ c.double().t()):
+                return False
+    return True
 
 
 @functools.cache
