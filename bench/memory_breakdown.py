@@ -124,8 +124,7 @@ def main() -> None:
     print(rss_line("before loading (inputs made)"))
 
     ckpt = args.int8_ckpt or folder
-    dtype = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    rr = Reranker.from_pretrained(ckpt, dtype=dtype, quantize="int8" if args.quantize else None)
+    rr = Reranker.from_pretrained(ckpt, dtype=args.dtype, quantize="int8" if args.quantize else None)
     print(f"{cpu.describe()}; dtype {rr.model.dtype}")
     print(rss_line("loaded"))
     rr.pack(["decoder", "vision"] if "image" in args.workload else ["decoder"])

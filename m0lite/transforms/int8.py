@@ -105,15 +105,20 @@ def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     return codes, scale
 
 
+def extremes(rows: int, k: int, top: int) -> torch.Tensor:
+    """(rows, k) int8 of +top, every other row -top: the largest products of either sign, where int16 sums
+    saturate (the exactness probes' operands)."""
+    x = torch.full((rows, k), top, dtype=torch.int8)
+    x[1::2] = -top
+    return x
+
+
 def exact_at(bits: int) -> bool:
     """Whether oneDNN's u8 x s8 matmul gives the exact integer products for `bits`-bit activation codes, on
     the largest codes against the largest weights of either sign (where int16 sums saturate), at a chunk's
     row count."""
     top, rows, k = 2 ** (bits - 1) - 1, CHUNK_ROWS, 256
-    w = torch.full((32, k), 127, dtype=torch.int8)
-    w[1::2] = -127
-    codes = torch.full((rows, k), top, dtype=torch.int8)
-    codes[1::2] = -top
+    w, codes = extremes(32, k, 127), extremes(rows, k, top)
     u, _ = quantize_rows(codes.float(), bits)
     try:
         packed = torch.ops.onednn.qlinear_prepack(w, [rows, k])
@@ -347,11 +352,9 @@ def first_weight_exact(bits: int) -> bool:
     operand's codes have 7 bits (2 * 255 * 63 < 2^15), not 8 (and at one row under AVX-512 without VNNI, not
     even 7)."""
     top, k = 2 ** (bits - 1) - 1, 256
-    w = torch.full((64, k), 127, dtype=torch.int8)
-    w[1::2] = -127
+    w = extremes(64, k, 127)
     for rows in (1, 2, 32, CHUNK_ROWS):
-        codes = torch.full((rows, k), top, dtype=torch.int8)
-        codes[1::2] = -top
+        codes = extremes(rows, k, top)
         for c in (codes, -codes):
             try:
                 y = torch._int_mm(w, c.t())
@@ -389,10 +392,13 @@ class FeatureMajor:
         (out, rows), signed_codes' of each row) and the rows' scales (1, rows): the same operations in the same
         order as codes_matmul, then scale_rows."""
         y = torch.mul(y[start:end], self.weight_scale[start:end, None]).to(dtype)  # int32 * fp32: fp32, one rounding
-        col_scale = col_scale.to(dtype)
-        if self.bias is None:
-            return y.mul_(col_scale)
-        return torch.addcmul(self.bias[start:end, None], y, col_scale, out=y)
+        return scale_rows(y, col_scale, None if self.bias is None else self.bias[start:end, None])
+
+    def rows(self, codes_t: torch.Tensor, row_scale: torch.Tensor, dtype, residual=None) -> torch.Tensor:
+        """The output (rows, out) in `dtype`, a transposed view, of codes_t (in, rows) (signed_codes' of each
+        row) and the rows' scales (rows, 1), plus `residual`: codes_matmul, then scale_rows."""
+        y = torch._int_mm(self.weight, codes_t).t().float().mul_(self.weight_scale).to(dtype)
+        return scale_rows(y, row_scale, self.bias, residual)
 
     def output(self, x: torch.Tensor, member: Int8Linear) -> torch.Tensor:
         return self.matmul(x)
@@ -400,8 +406,7 @@ class FeatureMajor:
     def matmul(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         """Rows x times the weight, plus `residual` (rows, out) if given."""
         codes, row_scale = signed_codes(x, self.bits)
-        y = torch._int_mm(self.weight, codes.t()).t().float().mul_(self.weight_scale).to(x.dtype).contiguous()
-        return scale_rows(y, row_scale, self.bias, residual)
+        return self.rows(codes.t(), row_scale, x.dtype, residual).contiguous()
 
 
 class Int8Embedding(nn.Module):
@@ -531,24 +536,23 @@ def feature_major_mlp(first: list[FeatureMajor], act, second: FeatureMajor, rota
     (the staged MLPs' work, FEATURE_STAGE features at a time): the second product's input is then already
     the (in, rows) its weight-first matmul reads, and only its narrow output is turned into rows."""
     out, bits = torch.empty_like(res), second.bits
+    width = first[0].weight.shape[0]
+    block = rotation_block(width)
+    r_t = rotation(block, h.dtype, h.device).t()  # x R for each row's block of features: R^T x, feature-major
     for s in range(0, h.shape[0], CHUNK_ROWS):
         e = min(s + CHUNK_ROWS, h.shape[0])
         codes, scale = signed_codes(h[s:e], bits)
         ys = [torch._int_mm(f.weight, codes.t()) for f in first]  # (width, rows) int32 each
-        width = ys[0].shape[0]
         mid = torch.empty((width, e - s), dtype=h.dtype)
         for a in range(0, width, FEATURE_STAGE):
             b = min(a + FEATURE_STAGE, width)
             v = act(*(f.scaled(y, a, b, scale.t(), h.dtype) for f, y in zip(first, ys)))
-            if rotated:  # x R for each row's block of features: R^T x over feature-major blocks
-                block = rotation_block(width)
-                torch.matmul(rotation(block, h.dtype, h.device).t(), v.view(-1, block, e - s), out=mid[a:b].view(-1, block, e - s))
+            if rotated:
+                torch.matmul(r_t, v.view(-1, block, e - s), out=mid[a:b].view(-1, block, e - s))
             else:
                 mid[a:b] = v
         codes, scale = signed_codes(mid, bits, dim=0)
-        y = torch._int_mm(second.weight, codes).t().float().mul_(second.weight_scale).to(h.dtype)
-        scale_rows(y, scale.t(), second.bias, res[s:e])
-        out[s:e] = y
+        out[s:e] = second.rows(codes, scale.t(), h.dtype, res[s:e])
     return out
 
 
@@ -605,12 +609,13 @@ def prepare(tower: nn.Module, compute: str) -> None:
                       lin.rewrite(**rewrite, mapped=mapped) if isinstance(lin, Int8Linear) else lin,
                       vision_attention=chunked.lean_attention, decoder_mlp=swiglu_add, vision_mlp=quick_gelu_add)
         for block in [*(getattr(tower, "layers", None) or tower.blocks), tower]:
+            decoder = isinstance(block, chunked.FastDecoderLayer)
             # The decoder's MLPs: the vision tower's, over a page's thousands of rows, run 7% slower feature-major.
-            if feature_major() and isinstance(block, chunked.FastDecoderLayer):
+            if decoder and feature_major():
                 for m in block.mlp.children():
                     if isinstance(m, Int8Linear) and m._packed is None:
                         FeatureMajor(m)
-            for parent, names in SHARED_INPUTS if isinstance(block, chunked.FastDecoderLayer) else ():
+            for parent, names in SHARED_INPUTS if decoder else ():
                 module = getattr(block, parent)  # (the vision tower's qkv is one linear already)
                 members = [getattr(module, name) for name in names]
                 if all(isinstance(m, Int8Linear) and m._packed is None for m in members):
